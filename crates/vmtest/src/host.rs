@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -82,8 +83,9 @@ impl Outcome {
 #[derive(Debug, Clone)]
 pub struct Vm {
     kernel: PreparedKernel,
-    /// The `vmtest` binary; the guest runs it as its agent.
-    agent: PathBuf,
+    /// The `vmtest` binary, read once: the guest runs a copy of it as its
+    /// agent. A copy, because cargo may replace the file while we run.
+    agent: Arc<Vec<u8>>,
     pub memory_mib: u32,
     pub cpus: u32,
     pub timeout: Duration,
@@ -97,10 +99,12 @@ pub struct Vm {
 
 impl Vm {
     pub fn new(kernel: PreparedKernel, agent: impl Into<PathBuf>) -> Result<Self> {
-        let agent = std::fs::canonicalize(agent.into()).context("locating the vmtest agent")?;
+        let agent = agent.into();
+        let agent = std::fs::read(&agent)
+            .with_context(|| format!("reading the vmtest agent {}", agent.display()))?;
         Ok(Self {
             kernel,
-            agent,
+            agent: Arc::new(agent),
             memory_mib: 2048,
             cpus: 2,
             timeout: Duration::from_secs(900),
@@ -162,10 +166,13 @@ impl Vm {
             run_dir.path().join(SPEC_FILE),
             serde_json::to_vec_pretty(&spec)?,
         )?;
+        let agent = run_dir.path().join("vmtest-agent");
+        std::fs::write(&agent, self.agent.as_slice())?;
+        std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755))?;
         let scratch = run_dir.path().join("scratch.img");
         std::fs::File::create(&scratch)?.set_len(u64::from(self.scratch_size_gib) << 30)?;
 
-        let mut qemu_cmd = self.qemu_command(run_dir.path(), &scratch)?;
+        let mut qemu_cmd = self.qemu_command(&agent, run_dir.path(), &scratch)?;
         let started = Instant::now();
         let mut qemu = QemuProcess(
             qemu_cmd.spawn()
@@ -248,8 +255,8 @@ impl Vm {
         })
     }
 
-    fn qemu_command(&self, run_dir: &Path, scratch: &Path) -> Result<Command> {
-        let agent = path_str(&self.agent)?;
+    fn qemu_command(&self, agent: &Path, run_dir: &Path, scratch: &Path) -> Result<Command> {
+        let agent = path_str(agent)?;
         ensure!(
             !agent.contains(char::is_whitespace),
             "the agent path {agent:?} must not contain white space (it goes on the kernel command line)"

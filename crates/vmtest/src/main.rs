@@ -101,6 +101,9 @@ fn run(command: Cmd) -> Result<ExitCode> {
             test_args,
             cargo_args,
         } => {
+            let on_host = std::env::var_os(TEST_ON_HOST_ENV).is_some_and(|v| v == "1");
+            // Before cargo runs: it may rebuild and replace this very binary.
+            let vm = if on_host { None } else { Some(build_vm(&vm)?) };
             let binaries = cargo::build_test_binaries(&cargo_args)?;
             if binaries.is_empty() {
                 bail!("cargo built no test binary for {cargo_args:?}");
@@ -113,11 +116,10 @@ fn run(command: Cmd) -> Result<ExitCode> {
                     argv
                 })
                 .collect();
-            if std::env::var_os(TEST_ON_HOST_ENV).is_some_and(|v| v == "1") {
-                return run_on_host(&commands);
+            match vm {
+                None => run_on_host(&commands),
+                Some(vm) => boot_and_report(&vm, commands),
             }
-            let vm = build_vm(&vm)?;
-            boot_and_report(&vm, commands)
         }
     }
 }

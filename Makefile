@@ -1,0 +1,54 @@
+# liveclone — build and test entry points.
+#
+#   make test       lint, host tests, then the real-kernel tests in the VM
+#                   (the README's test command; what .ci/run calls)
+#   make test-unit  host tests only (no root, no device-mapper)
+#   make test-vm    real-kernel tests in a QEMU VM whose kernel has dm-clone
+#                   (LIVECLONE_TEST_ON_HOST=1: on this host instead, as root,
+#                   if its kernel has dm-clone)
+#   make vm-prepare install QEMU and build the VM kernel bits (cached)
+#   make vm-shell   boot the test VM and run CMD (default: a short report)
+
+CARGO ?= cargo
+VMTEST := target/debug/vmtest
+VM_TIMEOUT ?= 1500
+CMD ?= sh -c 'uname -a; dmsetup targets; lsblk'
+
+.PHONY: test test-unit test-vm lint vm-prepare vm-shell build
+
+test: lint test-unit test-vm
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --features vmtest/real-kernel,vmtest/vm -- -D warnings
+
+test-unit:
+	$(CARGO) test --workspace
+
+vm-prepare:
+	bash tests/vm/prepare.sh
+
+$(VMTEST): FORCE
+	$(CARGO) build -p vmtest
+
+test-vm: $(VMTEST)
+ifneq ($(LIVECLONE_TEST_ON_HOST),1)
+	bash tests/vm/prepare.sh
+endif
+	$(VMTEST) test --timeout $(VM_TIMEOUT) --test-arg=--test-threads=1 \
+		-- -p vmtest --features real-kernel
+ifeq ($(LIVECLONE_TEST_ON_HOST),1)
+	@echo "vm_* tests (power cuts) need the VM; skipped on the host"
+else
+	$(CARGO) test -p vmtest --features vm --test vm_power_cut -- --test-threads=1
+endif
+
+vm-shell: $(VMTEST)
+	bash tests/vm/prepare.sh
+	$(VMTEST) run -- $(CMD)
+
+.PHONY: FORCE
+FORCE:
