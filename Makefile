@@ -8,13 +8,14 @@
 #                   if its kernel has dm-clone)
 #   make vm-prepare install QEMU and build the VM kernel bits (cached)
 #   make vm-shell   boot the test VM and run CMD (default: a short report)
+#   make demo-vm    the live-clone story on a real kernel, no cluster needed
 
 CARGO ?= cargo
 VMTEST := target/debug/vmtest
 VM_TIMEOUT ?= 1500
 CMD ?= sh -c 'uname -a; dmsetup targets; lsblk'
 
-.PHONY: test test-unit test-vm lint vm-prepare vm-shell build
+.PHONY: test test-unit test-vm lint vm-prepare vm-shell build demo-vm
 
 test: lint test-unit test-vm
 
@@ -45,6 +46,10 @@ ifeq ($(LIVECLONE_TEST_ON_HOST),1)
 else
 	$(CARGO) test -p vmtest --features vm --test vm_power_cut -- --test-threads=1
 endif
+
+demo-vm: $(VMTEST)
+	bash tests/vm/prepare.sh
+	$(VMTEST) run -- bash tests/vm/demo.sh
 
 vm-shell: $(VMTEST)
 	bash tests/vm/prepare.sh

@@ -30,7 +30,8 @@ impl PreparedKernel {
         if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
             return Ok(PathBuf::from(dir).join("liveclone/vm"));
         }
-        let home = std::env::var_os("HOME").context("neither LIVECLONE_VM_CACHE nor HOME is set")?;
+        let home =
+            std::env::var_os("HOME").context("neither LIVECLONE_VM_CACHE nor HOME is set")?;
         Ok(PathBuf::from(home).join(".cache/liveclone/vm"))
     }
 
@@ -83,5 +84,41 @@ impl PreparedKernel {
     /// Scratch space for runs; each run makes and removes its own folder.
     pub fn runs_dir(&self) -> Result<PathBuf> {
         Ok(Self::cache_root()?.join("runs"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_complete_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("kernel.env"),
+            "KERNEL_ABI=6.1.0-56-amd64\nKERNEL_PACKAGE_VERSION=6.1.192-2\n",
+        )
+        .expect("write");
+        assert!(
+            PreparedKernel::open(dir.path()).is_err(),
+            "no .complete stamp yet"
+        );
+        std::fs::write(dir.path().join(".complete"), "").expect("write");
+        let kernel = PreparedKernel::open(dir.path()).expect("open");
+        assert_eq!(kernel.abi, "6.1.0-56-amd64");
+        assert_eq!(kernel.package_version, "6.1.192-2");
+        assert!(kernel
+            .modules_dir()
+            .ends_with("modroot/lib/modules/6.1.0-56-amd64"));
+    }
+
+    #[test]
+    fn rejects_an_entry_without_its_fields() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(".complete"), "").expect("write");
+        std::fs::write(dir.path().join("kernel.env"), "KERNEL_ABI=6.1.0-56-amd64\n")
+            .expect("write");
+        let err = PreparedKernel::open(dir.path()).expect_err("missing version");
+        assert!(format!("{err:#}").contains("KERNEL_PACKAGE_VERSION"));
     }
 }

@@ -41,7 +41,11 @@ pub struct TestBinary {
 pub fn build_test_binaries(cargo_args: &[String]) -> Result<Vec<TestBinary>> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut child = Command::new(cargo)
-        .args(["test", "--no-run", "--message-format=json-render-diagnostics"])
+        .args([
+            "test",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
         .args(cargo_args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -73,4 +77,21 @@ pub fn build_test_binaries(cargo_args: &[String]) -> Result<Vec<TestBinary>> {
         bail!("cargo test --no-run failed ({status})");
     }
     Ok(binaries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cargo_artifact_messages() {
+        let test = r#"{"reason":"compiler-artifact","target":{"name":"real_dm_clone"},"profile":{"test":true},"executable":"/t/real_dm_clone-1"}"#;
+        let lib = r#"{"reason":"compiler-artifact","target":{"name":"vmtest"},"profile":{"test":false},"executable":null}"#;
+        let m: Message = serde_json::from_str(test).expect("parse");
+        assert_eq!(m.reason, "compiler-artifact");
+        assert!(m.profile.expect("profile").test);
+        assert_eq!(m.target.expect("target").name, "real_dm_clone");
+        let m: Message = serde_json::from_str(lib).expect("parse");
+        assert!(m.executable.is_none());
+    }
 }

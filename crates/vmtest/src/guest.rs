@@ -53,7 +53,9 @@ fn agent() -> Result<()> {
         .into_owned();
     println!("vmtest: guest kernel {kernel_release}");
     // virtio_blk first: the disks must exist before they are linked by serial.
-    for module in std::iter::once("virtio_blk").chain(spec.preload_modules.iter().map(String::as_str)) {
+    for module in
+        std::iter::once("virtio_blk").chain(spec.preload_modules.iter().map(String::as_str))
+    {
         let status = Command::new("modprobe")
             .arg(module)
             .env("PATH", GUEST_PATH)

@@ -3,10 +3,10 @@
 //! guest agent's result.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::os::unix::fs::PermissionsExt;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,10 @@ impl Disk {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
             "disk serial {serial:?} must be 1-20 characters of [A-Za-z0-9_-]"
         );
-        ensure!(serial != SCRATCH_SERIAL, "serial {SCRATCH_SERIAL} is reserved");
+        ensure!(
+            serial != SCRATCH_SERIAL,
+            "serial {SCRATCH_SERIAL} is reserved"
+        );
         Ok(Self {
             serial,
             path: path.into(),
@@ -148,7 +151,10 @@ impl Vm {
             .prefix("run-")
             .tempdir_in(&runs)
             .context("creating the run folder")?;
-        std::fs::write(run_dir.path().join("owner.pid"), std::process::id().to_string())?;
+        std::fs::write(
+            run_dir.path().join("owner.pid"),
+            std::process::id().to_string(),
+        )?;
 
         let spec = GuestSpec {
             commands: commands
@@ -175,7 +181,8 @@ impl Vm {
         let mut qemu_cmd = self.qemu_command(&agent, run_dir.path(), &scratch)?;
         let started = Instant::now();
         let mut qemu = QemuProcess(
-            qemu_cmd.spawn()
+            qemu_cmd
+                .spawn()
                 .context("starting qemu-system-x86_64 (is qemu-system-x86 installed?)")?,
         );
         let stdout = qemu.0.stdout.take().context("qemu stdout")?;
@@ -284,11 +291,18 @@ impl Vm {
                 path_str(run_dir)?
             ));
         let mut disks = vec![(SCRATCH_SERIAL.to_owned(), scratch.to_path_buf())];
-        disks.extend(self.disks.iter().map(|d| (d.serial.clone(), d.path.clone())));
+        disks.extend(
+            self.disks
+                .iter()
+                .map(|d| (d.serial.clone(), d.path.clone())),
+        );
         for (index, (serial, path)) in disks.iter().enumerate() {
             let path = path_str(path)?;
             // QEMU's -drive syntax uses ',' as separator; refuse rather than escape.
-            ensure!(!path.contains(','), "disk path {path:?} must not contain ','");
+            ensure!(
+                !path.contains(','),
+                "disk path {path:?} must not contain ','"
+            );
             cmd.arg("-drive")
                 .arg(format!(
                     "file={path},if=none,id=disk{index},format=raw,cache=writeback,aio=threads"
@@ -364,5 +378,38 @@ fn remove_abandoned_runs(runs: &Path) {
         if !alive {
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_serials_are_checked() {
+        assert!(Disk::new("pc-source", "/tmp/x").is_ok());
+        assert!(Disk::new("", "/tmp/x").is_err());
+        assert!(Disk::new("a".repeat(21), "/tmp/x").is_err());
+        assert!(Disk::new("bad serial", "/tmp/x").is_err());
+        assert!(Disk::new("../../etc", "/tmp/x").is_err());
+        assert!(Disk::new(SCRATCH_SERIAL, "/tmp/x").is_err());
+    }
+
+    #[test]
+    fn abandoned_run_folders_are_removed_and_live_ones_kept() {
+        let runs = tempfile::tempdir().expect("tempdir");
+        let dead = runs.path().join("run-dead");
+        let live = runs.path().join("run-live");
+        let fresh = runs.path().join("run-fresh");
+        for dir in [&dead, &live, &fresh] {
+            std::fs::create_dir(dir).expect("mkdir");
+        }
+        // PIDs are below 2^22 on Linux, so this one cannot exist.
+        std::fs::write(dead.join("owner.pid"), "99999999").expect("write");
+        std::fs::write(live.join("owner.pid"), std::process::id().to_string()).expect("write");
+        remove_abandoned_runs(runs.path());
+        assert!(!dead.exists());
+        assert!(live.exists());
+        assert!(fresh.exists(), "a folder being created is left alone");
     }
 }

@@ -173,7 +173,11 @@ fn boot_and_report(vm: &Vm, commands: Vec<Vec<String>>) -> Result<ExitCode> {
         eprintln!("vmtest: {verdict}: {}", command.join(" "));
     }
     if result.exit_codes.len() != commands.len() {
-        bail!("the guest ran {} of {} commands", result.exit_codes.len(), commands.len());
+        bail!(
+            "the guest ran {} of {} commands",
+            result.exit_codes.len(),
+            commands.len()
+        );
     }
     Ok(if result.success() {
         ExitCode::SUCCESS

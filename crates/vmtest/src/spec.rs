@@ -59,3 +59,45 @@ impl GuestResult {
         self.exit_codes.iter().all(|code| *code == Some(0))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_success_needs_every_command_to_exit_zero() {
+        let mut result = GuestResult {
+            exit_codes: vec![Some(0), Some(0)],
+            kernel_release: "6.1.0-56-amd64".into(),
+            dm_clone_loaded: true,
+        };
+        assert!(result.success());
+        result.exit_codes.push(None);
+        assert!(
+            !result.success(),
+            "a command killed by a signal fails the run"
+        );
+        result.exit_codes = vec![Some(0), Some(1)];
+        assert!(!result.success());
+    }
+
+    #[test]
+    fn spec_round_trips_through_json() {
+        let spec = GuestSpec {
+            commands: vec![GuestCommand {
+                argv: vec!["/bin/true".into(), "with space".into()],
+            }],
+            env: vec![("K".into(), "v=1".into())],
+            cwd: "/work".into(),
+            modules_dir: "/m".into(),
+            kernel_abi: "6.1.0-56-amd64".into(),
+            preload_modules: vec!["dm-clone".into()],
+            scratch: true,
+        };
+        let json = serde_json::to_vec(&spec).expect("serialise");
+        assert_eq!(
+            serde_json::from_slice::<GuestSpec>(&json).expect("parse"),
+            spec
+        );
+    }
+}

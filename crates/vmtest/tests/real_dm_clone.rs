@@ -152,7 +152,10 @@ fn real_clone_with_linear_tail_for_larger_destination() {
     clone.message("hydration_batch_size 32");
     clone.message("enable_hydration");
     let status = clone.wait_hydrated(HYDRATION_LIMIT);
-    assert_eq!(status.total_regions, source_size / (REGION_SECTORS * SECTOR));
+    assert_eq!(
+        status.total_regions,
+        source_size / (REGION_SECTORS * SECTOR)
+    );
 
     let expected = |i: u64| {
         if written(i) {
@@ -244,7 +247,11 @@ fn real_switch_to_linear_under_concurrent_io() {
     );
     let gen_before = generation.load(Ordering::SeqCst);
     let reads_before = reads.load(Ordering::Relaxed);
-    clone.replace_table(&format!("0 {} linear {} 0", sectors(size), dest.path.display()));
+    clone.replace_table(&format!(
+        "0 {} linear {} 0",
+        sectors(size),
+        dest.path.display()
+    ));
     assert!(clone.table().contains(" linear "), "table is now linear");
     let target = generation.load(Ordering::SeqCst) + 2;
     while generation.load(Ordering::SeqCst) < target {
@@ -252,7 +259,9 @@ fn real_switch_to_linear_under_concurrent_io() {
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer thread: no I/O error");
-    reader.join().expect("reader thread: no I/O error or wrong data");
+    reader
+        .join()
+        .expect("reader thread: no I/O error or wrong data");
     let last = generation.load(Ordering::SeqCst);
     println!(
         "switched under I/O: writer generations {gen_before} -> {last}, reads {reads_before} -> {}",
@@ -266,7 +275,10 @@ fn real_switch_to_linear_under_concurrent_io() {
         .read(true)
         .custom_flags(nix::fcntl::OFlag::O_EXCL.bits())
         .open(&meta.path);
-    assert!(exclusive.is_ok(), "metadata device still in use: {exclusive:?}");
+    assert!(
+        exclusive.is_ok(),
+        "metadata device still in use: {exclusive:?}"
+    );
     drop(exclusive);
 
     let expected = |i: u64| {

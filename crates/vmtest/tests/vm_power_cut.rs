@@ -161,7 +161,10 @@ fn guest_power_cut_phase_1() {
         "hydration finished before the cut; the test cannot prove a resume: {committed:?}"
     );
     clone.message("enable_hydration");
-    println!("{CUT_MARKER} committed={} total={total}", committed.hydrated);
+    println!(
+        "{CUT_MARKER} committed={} total={total}",
+        committed.hydrated
+    );
     // Keep hydrating until the power goes.
     std::thread::sleep(Duration::from_secs(600));
     // Never reached: the host kills the VM. Leak the device on purpose.
