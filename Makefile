@@ -40,7 +40,7 @@ ifneq ($(LIVECLONE_TEST_ON_HOST),1)
 	bash tests/vm/prepare.sh
 endif
 	$(VMTEST) test --timeout $(VM_TIMEOUT) --test-arg=--test-threads=1 \
-		-- -p vmtest --features real-kernel
+		-- -p vmtest --features real-kernel --test 'real_*'
 ifeq ($(LIVECLONE_TEST_ON_HOST),1)
 	@echo "vm_* tests (power cuts) need the VM; skipped on the host"
 else

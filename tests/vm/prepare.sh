@@ -29,7 +29,10 @@ if [ "$(id -u)" -ne 0 ]; then
     SUDO=(sudo)
 fi
 
-CACHE_ROOT="${LIVECLONE_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/liveclone/vm}"
+# Without HOME (some CI environments), fall back to a system cache folder;
+# crates/vmtest/src/cache.rs resolves the same way.
+if [ -n "${HOME:-}" ]; then DEFAULT_CACHE="$HOME/.cache"; else DEFAULT_CACHE=/var/cache; fi
+CACHE_ROOT="${LIVECLONE_VM_CACHE:-${XDG_CACHE_HOME:-$DEFAULT_CACHE}/liveclone/vm}"
 mkdir -p "$CACHE_ROOT"
 
 # Host tools: QEMU, the busybox that becomes the guest's init, kmod for depmod

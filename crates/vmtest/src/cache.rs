@@ -22,7 +22,8 @@ pub struct PreparedKernel {
 
 impl PreparedKernel {
     /// The cache root: `$LIVECLONE_VM_CACHE`, else `$XDG_CACHE_HOME/liveclone/vm`,
-    /// else `~/.cache/liveclone/vm`.
+    /// else `~/.cache/liveclone/vm`, else (no HOME) `/var/cache/liveclone/vm`;
+    /// the same order as tests/vm/prepare.sh.
     pub fn cache_root() -> Result<PathBuf> {
         if let Some(dir) = std::env::var_os(CACHE_ENV) {
             return Ok(PathBuf::from(dir));
