@@ -1,0 +1,4 @@
+//! CSI gRPC services: thin handlers over the domain layer.
+
+pub mod identity;
+pub mod server;

@@ -1,0 +1,3 @@
+//! OS layer: device-mapper, loop devices, mounts.
+
+pub mod dm;
