@@ -21,6 +21,26 @@ const SOURCE_SEED: u64 = 1;
 const EARLY_WRITE_SEED: u64 = 2;
 const LATE_WRITE_SEED: u64 = 3;
 
+/// Source (filled with the `SOURCE_SEED` pattern), destination and metadata
+/// loop devices for one test; `tag` keeps device names apart.
+struct Rig {
+    source: LoopDevice,
+    dest: LoopDevice,
+    meta: LoopDevice,
+}
+
+impl Rig {
+    fn new(tag: &str, source_size: u64, dest_size: u64) -> Self {
+        let source = LoopDevice::new(&format!("src-{tag}"), source_size);
+        fill_with_pattern(&source.path, SOURCE_SEED, source_size / BLOCK as u64);
+        Self {
+            source,
+            dest: LoopDevice::new(&format!("dst-{tag}"), dest_size),
+            meta: LoopDevice::new(&format!("meta-{tag}"), 4 * MIB),
+        }
+    }
+}
+
 fn sectors(bytes: u64) -> u64 {
     bytes / SECTOR
 }
@@ -30,10 +50,7 @@ fn real_clone_reads_source_then_hydrates_with_writes_kept() {
     require_real_kernel();
     let size = 64 * MIB;
     let blocks = size / BLOCK as u64;
-    let source = LoopDevice::new("src-a", size);
-    let dest = LoopDevice::new("dst-a", size);
-    let meta = LoopDevice::new("meta-a", 4 * MIB);
-    fill_with_pattern(&source.path, SOURCE_SEED, blocks);
+    let Rig { source, dest, meta } = Rig::new("a", size, size);
 
     let clone = DmDevice::create(
         "clone-a",
@@ -107,10 +124,7 @@ fn real_clone_with_linear_tail_for_larger_destination() {
     let dest_size = 48 * MIB;
     let source_blocks = source_size / BLOCK as u64;
     let dest_blocks = dest_size / BLOCK as u64;
-    let source = LoopDevice::new("src-b", source_size);
-    let dest = LoopDevice::new("dst-b", dest_size);
-    let meta = LoopDevice::new("meta-b", 4 * MIB);
-    fill_with_pattern(&source.path, SOURCE_SEED, source_blocks);
+    let Rig { source, dest, meta } = Rig::new("b", source_size, dest_size);
 
     // The clone target covers the source's length; the tail maps the rest of
     // the destination linearly, at the same offset.
@@ -179,10 +193,7 @@ fn real_switch_to_linear_under_concurrent_io() {
     let size = 32 * MIB;
     let blocks = size / BLOCK as u64;
     let half = blocks / 2;
-    let source = LoopDevice::new("src-c", size);
-    let dest = LoopDevice::new("dst-c", size);
-    let meta = LoopDevice::new("meta-c", 4 * MIB);
-    fill_with_pattern(&source.path, SOURCE_SEED, blocks);
+    let Rig { source, dest, meta } = Rig::new("c", size, size);
 
     let clone = DmDevice::create(
         "clone-c",

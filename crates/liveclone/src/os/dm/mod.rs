@@ -327,6 +327,19 @@ impl<'a> Tokens<'a> {
         self.inner.peek().is_none()
     }
 
+    /// Parses all of `s` with `parse`: a value followed by anything else is
+    /// an error naming the first extra token.
+    pub(crate) fn parse_all<T>(
+        s: &'a str,
+        context: &'static str,
+        parse: impl FnOnce(&mut Tokens<'a>) -> Result<T, ParseError>,
+    ) -> Result<T, ParseError> {
+        let mut tokens = Tokens::new(s);
+        let value = parse(&mut tokens)?;
+        tokens.finish(context)?;
+        Ok(value)
+    }
+
     /// Fails on the first token left over after a complete value.
     pub(crate) fn finish(mut self, context: &'static str) -> Result<(), ParseError> {
         match self.inner.next() {

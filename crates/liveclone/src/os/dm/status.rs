@@ -294,10 +294,7 @@ impl FromStr for CloneStatus {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut tokens = Tokens::new(s);
-        let status = CloneStatus::parse(&mut tokens)?;
-        tokens.finish("clone status")?;
-        Ok(status)
+        Tokens::parse_all(s, "clone status", CloneStatus::parse)
     }
 }
 

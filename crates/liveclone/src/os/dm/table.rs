@@ -342,10 +342,7 @@ impl FromStr for CloneTarget {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut tokens = Tokens::new(s);
-        let target = CloneTarget::parse_params(&mut tokens)?;
-        tokens.finish("clone parameters")?;
-        Ok(target)
+        Tokens::parse_all(s, "clone parameters", CloneTarget::parse_params)
     }
 }
 
@@ -376,10 +373,7 @@ impl FromStr for LinearTarget {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut tokens = Tokens::new(s);
-        let target = LinearTarget::parse_params(&mut tokens)?;
-        tokens.finish("linear parameters")?;
-        Ok(target)
+        Tokens::parse_all(s, "linear parameters", LinearTarget::parse_params)
     }
 }
 
@@ -442,10 +436,7 @@ impl FromStr for Target {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut tokens = Tokens::new(s);
-        let target = Target::parse(&mut tokens)?;
-        tokens.finish("target parameters")?;
-        Ok(target)
+        Tokens::parse_all(s, "target parameters", Target::parse)
     }
 }
 
