@@ -7,6 +7,7 @@
 #                   (LIVECLONE_TEST_ON_HOST=1: on this host instead, as root,
 #                   if its kernel has dm-clone)
 #   make vm-prepare install QEMU and build the VM kernel bits (cached)
+#   make tools      build the pinned Go test tools, e.g. csi-sanity (cached)
 #   make vm-shell   boot the test VM and run CMD (default: a short report)
 #   make demo-vm    the live-clone story on a real kernel, no cluster needed
 
@@ -15,7 +16,7 @@ VMTEST := target/debug/vmtest
 VM_TIMEOUT ?= 1500
 CMD ?= sh -c 'uname -a; dmsetup targets; lsblk'
 
-.PHONY: test test-unit test-vm lint vm-prepare vm-shell build demo-vm
+.PHONY: test test-unit test-vm lint vm-prepare vm-shell build demo-vm tools
 
 test: lint test-unit test-vm
 
@@ -24,7 +25,7 @@ build:
 
 lint:
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --workspace --all-targets --features vmtest/real-kernel,vmtest/vm -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features vmtest/real-kernel,vmtest/vm,liveclone/real-kernel -- -D warnings
 
 test-unit:
 	$(CARGO) test --workspace
@@ -32,15 +33,18 @@ test-unit:
 vm-prepare:
 	bash tests/vm/prepare.sh
 
+tools:
+	bash tests/tools/build-go-tools.sh
+
 $(VMTEST): FORCE
 	$(CARGO) build -p vmtest
 
-test-vm: $(VMTEST)
+test-vm: $(VMTEST) tools
 ifneq ($(LIVECLONE_TEST_ON_HOST),1)
 	bash tests/vm/prepare.sh
 endif
 	$(VMTEST) test --timeout $(VM_TIMEOUT) --test-arg=--test-threads=1 \
-		-- -p vmtest --features real-kernel --test 'real_*'
+		-- --workspace --features vmtest/real-kernel,liveclone/real-kernel --test 'real_*'
 ifeq ($(LIVECLONE_TEST_ON_HOST),1)
 	@echo "vm_* tests (power cuts) need the VM; skipped on the host"
 else

@@ -29,6 +29,8 @@ const CSI_PACKAGE: &str = "csi.v1";
 const SECRET_OPTION: &str = "csi.v1.csi_secret";
 /// Where, in `OUT_DIR`, the redacting `Debug` impls are written.
 const REDACTED_DEBUG_FILE: &str = "csi.v1.redacted_debug.rs";
+/// The node-local admin API (`liveclone status`, `liveclone hydration`).
+const ADMIN_PROTO: &str = "liveclone_admin.proto";
 
 fn main() -> Result<()> {
     let manifest_dir =
@@ -68,6 +70,17 @@ fn main() -> Result<()> {
         )
         .compile_fds(compiler.file_descriptor_set())
         .context("generating Rust code from the CSI descriptors")?;
+
+    // Our own node-local admin API: no secrets, plain generation.
+    let admin_file = proto_dir.join(ADMIN_PROTO);
+    println!("cargo:rerun-if-changed={}", admin_file.display());
+    let admin = protox::compile([&admin_file], [&proto_dir])
+        .with_context(|| format!("parsing {}", admin_file.display()))?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(admin)
+        .context("generating Rust code from the admin descriptors")?;
 
     let redacted_debug = render_redacted_debug(&secret_messages);
     write_if_changed(&out_dir.join(REDACTED_DEBUG_FILE), &redacted_debug)

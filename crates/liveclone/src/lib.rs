@@ -8,6 +8,7 @@
 //!   Linux implementations.
 //! * [`proto`]: code generated from the vendored CSI spec.
 
+pub mod cli;
 pub mod domain;
 pub mod grpc;
 pub mod os;

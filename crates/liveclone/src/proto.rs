@@ -28,6 +28,14 @@ pub mod csi {
     }
 }
 
+/// liveclone's node-local admin API (`proto/liveclone_admin.proto`).
+pub mod admin {
+    #[allow(clippy::all, clippy::pedantic, clippy::unwrap_used)]
+    pub mod v1alpha1 {
+        tonic::include_proto!("liveclone.admin.v1alpha1");
+    }
+}
+
 /// How a `csi_secret` field shows in `Debug` output: the amount of data, so
 /// that a log still tells an empty secret map from a filled one, but never a
 /// key or a value.

@@ -1,5 +1,15 @@
-//! Domain layer: volumes, pools, hydration, sizing rules.
+//! Domain layer: volumes, snapshots, pools, hydration, sizing rules.
 
+pub mod engine;
+pub mod error;
+pub mod file_pool;
+pub mod human;
+pub mod hydration;
 pub mod ids;
+pub mod locks;
+pub mod model;
+pub mod monitor;
+pub mod paths;
+pub mod pool;
 pub mod sizing;
 pub mod store;

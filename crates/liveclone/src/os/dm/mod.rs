@@ -18,12 +18,15 @@
 //! * [`status`]: the dm-clone status line.
 //! * [`CloneMessage`]: the messages dm-clone accepts.
 
+pub mod device;
+pub mod dmsetup;
 pub mod status;
 pub mod table;
 
 use std::fmt;
 use std::str::FromStr;
 
+pub use device::{DeviceMapper, DmInfo, DmName, DmNameError, SuspendFlush, DM_NAME_PREFIX};
 pub use status::{CloneStatus, CloneStatusLine, CloneStatusReport, MetadataMode};
 pub use table::{
     CloneCoreArgs, CloneFeatures, CloneTarget, DeviceRef, DeviceRefError, LinearTarget, Table,

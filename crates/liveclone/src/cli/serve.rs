@@ -1,0 +1,206 @@
+//! `liveclone controller|node|standalone`: assemble the layers and serve.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use tokio::sync::watch;
+use tonic::service::Routes;
+use tracing::{error, info, warn};
+
+use crate::domain::engine::{Engine, EngineConfig};
+use crate::domain::file_pool::FilePool;
+use crate::domain::model::{SnapshotRecord, VolumeRecord};
+use crate::domain::monitor::{self, MonitorConfig};
+use crate::domain::paths::AllowedRoots;
+use crate::domain::store::{JsonDirStore, RecordStore};
+use crate::grpc::admin::AdminService;
+use crate::grpc::controller::ControllerService;
+use crate::grpc::identity::{IdentityService, NotReady, Readiness};
+use crate::grpc::node::NodeService;
+use crate::grpc::server::BoundSocket;
+use crate::os::Os;
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// CSI endpoint: `unix:///abs/path` or an absolute socket path.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = super::DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// Where volume and snapshot records are kept (standalone state).
+    #[arg(long, default_value = "/var/lib/liveclone/state")]
+    pub state_dir: PathBuf,
+    /// The file pool: a folder on ext4, xfs or btrfs that holds volume data.
+    #[arg(long, default_value = "/var/lib/liveclone/pool")]
+    pub pool_dir: PathBuf,
+    /// This node's name, reported in NodeGetInfo and topology (default:
+    /// the host name).
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: Option<String>,
+    /// A folder under which staging and target paths may be; repeat for
+    /// several. Paths elsewhere are refused.
+    #[arg(long = "allowed-mount-root", default_value = "/var/lib/kubelet")]
+    pub allowed_mount_roots: Vec<PathBuf>,
+    /// Most volumes published on this node at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_volumes: u64,
+    /// Seconds between hydration status readings (events wake it sooner).
+    #[arg(long, default_value_t = 2.0)]
+    pub hydration_poll_seconds: f64,
+    /// Seconds without progress, while work remains, before a hydration is
+    /// reported as stalled.
+    #[arg(long, default_value_t = 30.0)]
+    pub stall_after_seconds: f64,
+}
+
+/// Which CSI services a process serves. Every mode runs the engine on this
+/// node's pool; Kubernetes mode (a later issue) splits the work between a
+/// controller agent and node agents over the API server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Controller,
+    Node,
+    Standalone,
+}
+
+/// Probe's answer, kept current by a background check so that Probe itself
+/// never runs a tool.
+struct Health {
+    state: RwLock<Result<(), NotReady>>,
+}
+
+impl Health {
+    fn set(&self, value: Result<(), NotReady>) {
+        let mut state = self
+            .state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *state = value;
+    }
+}
+
+impl Readiness for Health {
+    fn check(&self) -> Result<(), NotReady> {
+        self.state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--{flag} must be a positive number of seconds"))
+}
+
+fn host_name() -> anyhow::Result<String> {
+    let name = nix::unistd::gethostname().context("reading the host name")?;
+    name.into_string()
+        .map_err(|_| anyhow::anyhow!("the host name is not UTF-8; pass --node-id"))
+}
+
+/// Builds the engine over the real Linux implementations.
+pub fn build_engine(args: &ServeArgs, node_id: String, os: Os) -> anyhow::Result<Engine> {
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let pool = FilePool::open(&args.pool_dir, os.clone())
+        .map_err(|e| anyhow::anyhow!("opening the pool: {e}"))?;
+    let volumes: Arc<dyn RecordStore<VolumeRecord>> =
+        Arc::new(JsonDirStore::open(&args.state_dir)?);
+    let snapshots: Arc<dyn RecordStore<SnapshotRecord>> =
+        Arc::new(JsonDirStore::open(&args.state_dir)?);
+    let config = EngineConfig {
+        node_id,
+        work_dir: args.state_dir.join("work"),
+        allowed_roots: AllowedRoots::new(args.allowed_mount_roots.clone()),
+        max_volumes: args.max_volumes,
+    };
+    Ok(Engine::new(os, Arc::new(pool), volumes, snapshots, config))
+}
+
+/// Serves until SIGTERM or SIGINT, over the given OS implementation
+/// (the binary passes the Linux one).
+pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
+    let node_id = match &args.node_id {
+        Some(id) => id.clone(),
+        None => host_name()?,
+    };
+    let monitor_config = MonitorConfig {
+        poll_interval: seconds(args.hydration_poll_seconds, "hydration-poll-seconds")?,
+        stall_after: seconds(args.stall_after_seconds, "stall-after-seconds")?,
+        ..MonitorConfig::default()
+    };
+    let engine = Arc::new(build_engine(&args, node_id.clone(), os)?);
+    info!(?mode, node = %node_id, pool = %engine.pool().describe(), "starting");
+
+    let health = Arc::new(Health {
+        state: RwLock::new(Err(NotReady::Initializing(
+            "re-assembling volumes from the state folder".to_owned(),
+        ))),
+    });
+    // Bind first, so the socket answers Probe (not ready) during recovery.
+    let socket = BoundSocket::bind(&args.endpoint).await?;
+    let mut routes = Routes::new(IdentityService::new(health.clone()).into_server())
+        .add_service(AdminService::new(Arc::clone(&engine)).into_server());
+    if mode != Mode::Node {
+        routes = routes.add_service(ControllerService::new(Arc::clone(&engine)).into_server());
+    }
+    if mode != Mode::Controller {
+        routes = routes.add_service(NodeService::new(Arc::clone(&engine)).into_server());
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(socket.serve(routes, async move {
+        let _ = server_stop.wait_for(|stop| *stop).await;
+    }));
+
+    let recovered = {
+        let engine = Arc::clone(&engine);
+        tokio::task::spawn_blocking(move || engine.recover()).await?
+    };
+    match recovered {
+        Ok(report) if report.failures.is_empty() => info!(?report, "state recovered"),
+        Ok(report) => warn!(?report, "state recovered with failures"),
+        Err(e) => error!("recovery failed: {e}"),
+    }
+    tokio::spawn(keep_health(Arc::clone(&engine), Arc::clone(&health)));
+    let monitor = tokio::spawn(monitor::run(Arc::clone(&engine), monitor_config, stop_rx));
+
+    wait_for_signal().await?;
+    info!("stopping");
+    let _ = stop_tx.send(true);
+    let _ = monitor.await;
+    server.await??;
+    Ok(())
+}
+
+async fn keep_health(engine: Arc<Engine>, health: Arc<Health>) {
+    loop {
+        let engine = Arc::clone(&engine);
+        let result = tokio::task::spawn_blocking(move || engine.health()).await;
+        let state = match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(NotReady::Unhealthy(message)),
+            Err(e) => Err(NotReady::Unhealthy(format!("health check failed: {e}"))),
+        };
+        if let Err(problem) = &state {
+            warn!("not ready: {problem}");
+        }
+        health.set(state);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}

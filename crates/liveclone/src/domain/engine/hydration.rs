@@ -1,0 +1,193 @@
+//! Hydration control (pause, resume, tune), samples for the monitor, and
+//! the switch to a linear table when a clone is complete.
+
+use tracing::{info, info_span, warn};
+
+use super::{dm_name, Engine};
+use crate::domain::error::{DomainError, DomainResult};
+use crate::domain::ids::VolumeId;
+use crate::domain::model::{unix_now, CompletedHydration, VolumeRecord};
+use crate::domain::pool::Storage;
+use crate::domain::sizing::HydrationTunables;
+use crate::os::dm::{CloneMessage, CloneStatus, CloneStatusLine, SuspendFlush};
+
+/// One reading of a hydrating clone.
+#[derive(Debug, Clone)]
+pub struct HydrationSample {
+    pub status: CloneStatusLine,
+    /// The device's event counter when read, for waiting on the next event.
+    pub event_nr: u32,
+    pub paused: bool,
+}
+
+impl Engine {
+    /// Volumes that are clones still hydrating, as `(id, paused)`.
+    pub fn hydrating_volumes(&self) -> DomainResult<Vec<(VolumeId, bool)>> {
+        Ok(self
+            .volumes
+            .list()?
+            .into_iter()
+            .filter(|v| v.state == crate::domain::model::VolumeState::Ready)
+            .filter_map(|v| v.hydration.map(|h| (v.id, h.paused)))
+            .collect())
+    }
+
+    /// Reads a clone's status without flushing. `None` if the volume is no
+    /// longer hydrating.
+    pub fn sample_hydration(&self, id: &VolumeId) -> DomainResult<Option<HydrationSample>> {
+        let Some(record) = self.volumes.get(id)? else {
+            return Ok(None);
+        };
+        let Some(hydration) = &record.hydration else {
+            return Ok(None);
+        };
+        let name = dm_name(id);
+        let Some(info) = self.os.dm.info(&name)? else {
+            return Err(DomainError::internal(format!("device {name} is missing")));
+        };
+        let status = self.os.dm.clone_status(&name)?;
+        Ok(Some(HydrationSample {
+            status,
+            event_nr: info.event_nr,
+            paused: hydration.paused,
+        }))
+    }
+
+    fn hydrating_record(&self, id: &VolumeId) -> DomainResult<VolumeRecord> {
+        let record = self.require_volume(id)?;
+        if record.hydration.is_none() {
+            return Err(DomainError::failed_precondition(format!(
+                "volume {id} is not hydrating (it is an independent volume)"
+            )));
+        }
+        Ok(record)
+    }
+
+    pub fn pause_hydration(&self, id: &VolumeId) -> DomainResult<()> {
+        self.set_paused(id, true)
+    }
+
+    pub fn resume_hydration(&self, id: &VolumeId) -> DomainResult<()> {
+        self.set_paused(id, false)
+    }
+
+    fn set_paused(&self, id: &VolumeId, paused: bool) -> DomainResult<()> {
+        let _guard = self.locks.try_acquire([id])?;
+        let mut record = self.hydrating_record(id)?;
+        if let Some(hydration) = record.hydration.as_mut() {
+            hydration.paused = paused;
+        }
+        // Recorded first: a restart must not undo a pause.
+        self.volumes.put(&record)?;
+        self.apply_hydration_settings(&record)?;
+        info!(volume = %id, paused, "hydration {}", if paused { "paused" } else { "resumed" });
+        Ok(())
+    }
+
+    /// Changes the tunables of a hydrating clone (either may be omitted).
+    pub fn tune_hydration(
+        &self,
+        id: &VolumeId,
+        threshold: Option<u32>,
+        batch_size: Option<u32>,
+    ) -> DomainResult<HydrationTunables> {
+        let _guard = self.locks.try_acquire([id])?;
+        let mut record = self.hydrating_record(id)?;
+        let Some(hydration) = record.hydration.as_mut() else {
+            return Err(DomainError::internal("hydration vanished"));
+        };
+        let region_size = hydration
+            .region_size()
+            .ok_or_else(|| DomainError::internal("recorded region size is invalid"))?;
+        let tunables = HydrationTunables {
+            threshold: threshold.unwrap_or(hydration.threshold),
+            batch_size: batch_size.unwrap_or(hydration.batch_size),
+        };
+        tunables
+            .validate(region_size)
+            .map_err(|e| DomainError::invalid_argument(e.to_string()))?;
+        hydration.threshold = tunables.threshold;
+        hydration.batch_size = tunables.batch_size;
+        self.volumes.put(&record)?;
+        self.apply_hydration_settings(&record)?;
+        info!(volume = %id, threshold = tunables.threshold, batch_size = tunables.batch_size, "hydration tuned");
+        Ok(tunables)
+    }
+
+    /// Switches a fully hydrated clone to a linear table and releases its
+    /// metadata and source. Returns `Ok(false)` if it is not complete yet,
+    /// ABORTED if another operation holds the volume (the monitor retries).
+    pub fn complete_hydration(&self, id: &VolumeId) -> DomainResult<bool> {
+        let span = info_span!("switch_to_linear", volume = %id);
+        let _entered = span.enter();
+        let _guard = self.locks.try_acquire([id])?;
+        let Some(record) = self.volumes.get(id)? else {
+            return Ok(true);
+        };
+        if record.hydration.is_none() {
+            return Ok(true);
+        }
+        let name = dm_name(id);
+        let complete = |engine: &Self| -> DomainResult<bool> {
+            Ok(match engine.os.dm.clone_status(&name)?.status {
+                CloneStatus::Active(report) => report.may_switch_to_linear(),
+                CloneStatus::Fail | CloneStatus::Error => false,
+            })
+        };
+        if !complete(self)? {
+            return Ok(false);
+        }
+        // A flush through dm-clone commits its metadata and flushes the
+        // destination; then the destination's own device once more, so
+        // everything the clone acknowledged is on stable storage before
+        // the table that knows where it came from goes away.
+        let device = Self::device_path(&record);
+        self.os.fs.flush(&device)?;
+        for attached in self.pool.attachments(&Self::data_of(&record))? {
+            self.os.fs.flush(&attached.path)?;
+        }
+        if !complete(self)? {
+            return Ok(false);
+        }
+        let linear = self
+            .os
+            .dm
+            .table(&name)?
+            .linear_replacement()
+            .map_err(|e| DomainError::internal(format!("building the linear table: {e}")))?;
+        self.os.dm.suspend(&name, SuspendFlush::Flush)?;
+        let loaded = self.os.dm.load(&name, &linear);
+        // Resume whether or not the load worked: on failure the clone table
+        // stays live, which is still correct.
+        let resumed = self.os.dm.resume(&name);
+        loaded?;
+        resumed?;
+        info!("switched to a linear table; the clone is independent of its source");
+        self.finish_switch(record)?;
+        Ok(true)
+    }
+
+    /// Records a completed switch and releases what the clone held.
+    pub(super) fn finish_switch(&self, mut record: VolumeRecord) -> DomainResult<VolumeRecord> {
+        let Some(hydration) = record.hydration.take() else {
+            return Ok(record);
+        };
+        record.last_hydration = Some(CompletedHydration {
+            source: hydration.source.clone(),
+            bytes: hydration.source_bytes,
+            started_at: hydration.started_at,
+            completed_at: unix_now(),
+        });
+        self.volumes.put(&record)?;
+        if let Err(e) = self.pool.remove(&Storage::Metadata(record.id.clone())) {
+            warn!(volume = %record.id, "removing the clone's metadata: {e}");
+        }
+        self.collect_images();
+        Ok(record)
+    }
+
+    /// Sends one message to a clone (used by tests and the admin API).
+    pub fn message_clone(&self, id: &VolumeId, message: &CloneMessage) -> DomainResult<()> {
+        Ok(self.os.dm.message(&dm_name(id), message)?)
+    }
+}

@@ -1,0 +1,314 @@
+//! Snapshots: point-in-time cuts of a volume, and how long images live.
+//!
+//! A cut quiesces the volume (freeze its mounted file system, suspend its
+//! device with a flush), then either
+//! * **reflinks** the volume's data file into the image (pools on xfs or
+//!   btrfs): instant, the volume is untouched; or
+//! * **redirects**: renames the data file to be the image and reloads the
+//!   volume as a dm-clone of it, hydrating into a new data file. Instant on
+//!   any pool file system; the volume copies itself back in the background.
+//!
+//! Either way the image never changes afterwards: clones read it through a
+//! read-only loop device. Images are released when the CO has deleted the
+//! snapshot (or, for a hidden cut made for a clone of a volume, at once)
+//! and no hydrating clone reads from them any more.
+
+use tracing::{error, info, info_span, warn};
+
+use super::assembly::DeviceOutcome;
+use super::{dm_name, Engine};
+use crate::domain::error::{DomainError, DomainResult};
+use crate::domain::ids::{SnapshotId, VolumeId};
+use crate::domain::model::{
+    unix_now, CutMethod, HydrationStage, SnapshotRecord, SnapshotState, VolumeRecord,
+};
+use crate::domain::pool::Storage;
+use crate::domain::sizing::parse_parameters;
+
+impl Engine {
+    pub fn create_snapshot(&self, name: &str, source: &VolumeId) -> DomainResult<SnapshotRecord> {
+        let id = SnapshotId::for_name(name)
+            .map_err(|e| DomainError::invalid_argument(format!("snapshot name: {e}")))?;
+        let span = info_span!("create_snapshot", snapshot = %id, volume = %source);
+        let _entered = span.enter();
+        let _guard = self.locks.try_acquire([id.to_string(), source.to_string()])?;
+        if let Some(existing) = self.snapshots.get(&id)? {
+            if existing.source_volume != *source || existing.hidden {
+                return Err(DomainError::already_exists(format!(
+                    "snapshot {name:?} exists ({id}) with another source volume ({})",
+                    existing.source_volume
+                )));
+            }
+            if existing.deleted {
+                return Err(DomainError::unavailable(format!(
+                    "a snapshot named {name:?} was deleted and is still held for clones \
+                     hydrating from it; retry later"
+                )));
+            }
+            if existing.state == SnapshotState::Ready {
+                return Ok(existing);
+            }
+            return self.continue_cut(existing);
+        }
+        let volume = self.volumes.get(source)?.ok_or_else(|| {
+            DomainError::not_found(format!("source volume {source} does not exist"))
+        })?;
+        self.check_cuttable(&volume)?;
+        let record = SnapshotRecord {
+            id,
+            name: name.to_owned(),
+            source_volume: source.clone(),
+            size_bytes: volume.capacity_bytes,
+            access: volume.access,
+            state: SnapshotState::Creating,
+            method: None,
+            hidden: false,
+            deleted: false,
+            source_generation: volume.generation,
+            created_at: unix_now(),
+        };
+        self.snapshots.put(&record)?;
+        self.continue_cut(record)
+    }
+
+    /// The hidden cut a clone of a volume reads from. The caller holds the
+    /// locks of the clone and the source volume.
+    pub(super) fn ensure_hidden_cut(
+        &self,
+        clone: &VolumeId,
+        source: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> DomainResult<()> {
+        let _guard = self.locks.try_acquire([snapshot])?;
+        let record = match self.snapshots.get(snapshot)? {
+            Some(existing) if existing.state == SnapshotState::Ready => return Ok(()),
+            Some(existing) => existing,
+            None => {
+                let volume = self.require_volume(source)?;
+                self.check_cuttable(&volume)?;
+                let record = SnapshotRecord {
+                    id: snapshot.clone(),
+                    name: format!("source of clone {clone}"),
+                    source_volume: source.clone(),
+                    size_bytes: volume.capacity_bytes,
+                    access: volume.access,
+                    state: SnapshotState::Creating,
+                    method: None,
+                    hidden: true,
+                    deleted: false,
+                    source_generation: volume.generation,
+                    created_at: unix_now(),
+                };
+                self.snapshots.put(&record)?;
+                record
+            }
+        };
+        self.continue_cut(record).map(|_| ())
+    }
+
+    /// Runs the cut's remaining steps; safe to call again after a crash at
+    /// any point.
+    pub(super) fn continue_cut(&self, mut snapshot: SnapshotRecord) -> DomainResult<SnapshotRecord> {
+        let volume = self.require_volume(&snapshot.source_volume)?;
+        if snapshot.method != Some(CutMethod::Redirect) {
+            self.check_cuttable(&volume)?;
+            let image = Storage::Image(snapshot.id.clone());
+            // A reflink interrupted by a crash may have left part of an image.
+            self.pool.remove(&image)?;
+            let cut = self.quiesce(&volume)?;
+            if self.pool.clone_instant(&Self::data_of(&volume), &image)? {
+                cut.release()?;
+                snapshot.method = Some(CutMethod::Reflink);
+                snapshot.state = SnapshotState::Ready;
+                self.snapshots.put(&snapshot)?;
+                info!(snapshot = %snapshot.id, "snapshot cut by reflink");
+                return Ok(snapshot);
+            }
+            cut.release()?;
+            snapshot.method = Some(CutMethod::Redirect);
+            snapshot.source_generation = volume.generation;
+            self.snapshots.put(&snapshot)?;
+        }
+        self.redirect_cut(&snapshot, volume)?;
+        snapshot.state = SnapshotState::Ready;
+        self.snapshots.put(&snapshot)?;
+        info!(snapshot = %snapshot.id, "snapshot cut by redirect; the volume hydrates into a new data file");
+        Ok(snapshot)
+    }
+
+    fn redirect_cut(&self, snapshot: &SnapshotRecord, mut volume: VolumeRecord) -> DomainResult<()> {
+        let image = Storage::Image(snapshot.id.clone());
+        let old_data = Storage::Data {
+            volume: volume.id.clone(),
+            generation: snapshot.source_generation,
+        };
+        if volume.generation == snapshot.source_generation {
+            // Record the new layout and make its storage before the cut, so
+            // the suspended window holds only a rename and a table swap.
+            let parameters = parse_parameters(&volume.parameters)
+                .map_err(|e| DomainError::invalid_argument(e.to_string()))?;
+            let hydration =
+                self.plan_hydration(snapshot.id.clone(), volume.capacity_bytes, &parameters)?;
+            let metadata_bytes = hydration.metadata_bytes;
+            volume.generation = snapshot
+                .source_generation
+                .checked_add(1)
+                .ok_or_else(|| DomainError::internal("volume generation overflow"))?;
+            volume.hydration = Some(hydration);
+            self.provision_clone_storage(&volume, metadata_bytes)?;
+            volume = self.set_stage(volume, HydrationStage::MetadataBound)?;
+        }
+        let hydrating_from_this = volume
+            .hydration
+            .as_ref()
+            .is_some_and(|h| h.source == snapshot.id);
+        if !hydrating_from_this {
+            return Err(DomainError::internal(format!(
+                "snapshot {} was being cut by redirect but volume {} no longer refers to it",
+                snapshot.id, volume.id
+            )));
+        }
+        if !self.pool.exists(&image)? {
+            let cut = self.quiesce(&volume)?;
+            self.pool.rename(&old_data, &image)?;
+            let swapped = self
+                .expected_table(&volume)
+                .and_then(|table| Ok(self.os.dm.load(&dm_name(&volume.id), &table)?));
+            if let Err(load_error) = swapped {
+                // Put the file back before anything can write through the
+                // old table, which still maps it.
+                if let Err(rename_error) = self.pool.rename(&image, &old_data) {
+                    error!(volume = %volume.id, "cannot undo a failed redirect cut ({rename_error}); leaving the device suspended so nothing writes to the image");
+                    std::mem::forget(cut);
+                    return Err(load_error);
+                }
+                return Err(load_error);
+            }
+            cut.release()?;
+        }
+        if self.ensure_device(&volume)? == DeviceOutcome::AlreadySwitched {
+            self.finish_switch(volume)?;
+            return Ok(());
+        }
+        // The loop that mapped the old data file read-write is no longer in
+        // any table; only the read-only one may stay on an image.
+        for device in self.pool.attachments(&image)? {
+            if !device.read_only {
+                self.os.loops.detach(&device.path)?;
+            }
+        }
+        if volume
+            .hydration
+            .as_ref()
+            .is_some_and(|h| h.stage == HydrationStage::MetadataBound)
+        {
+            self.trim_mounted(&volume);
+            volume = self.set_stage(volume, HydrationStage::Trimmed)?;
+            self.apply_hydration_settings(&volume)?;
+            self.set_stage(volume, HydrationStage::Enabled)?;
+        }
+        Ok(())
+    }
+
+    /// Discards a mounted volume's free space through its clone target, so
+    /// background hydration skips it. Best effort.
+    fn trim_mounted(&self, volume: &VolumeRecord) {
+        let name = dm_name(&volume.id);
+        let mounts = self
+            .os
+            .dm
+            .info(&name)
+            .ok()
+            .flatten()
+            .and_then(|info| self.os.fs.mounts_of(info.major, info.minor).ok())
+            .unwrap_or_default();
+        if let Some(mount) = mounts.first() {
+            if let Err(e) = self.os.fs.trim(&mount.mount_point) {
+                warn!(volume = %volume.id, "trimming {} before hydration: {e}", mount.mount_point.display());
+            }
+        }
+    }
+
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> DomainResult<()> {
+        let span = info_span!("delete_snapshot", snapshot = %id);
+        let _entered = span.enter();
+        let _guard = self.locks.try_acquire([id])?;
+        let Some(mut snapshot) = self.snapshots.get(id)? else {
+            return Ok(());
+        };
+        if snapshot.hidden {
+            return Ok(());
+        }
+        if snapshot.state == SnapshotState::Creating {
+            // Finish the cut: a redirect half done must be completed, not
+            // abandoned, or the volume would lose its data file.
+            let _source_guard = self.locks.try_acquire([&snapshot.source_volume])?;
+            match self.continue_cut(snapshot.clone()) {
+                Ok(done) => snapshot = done,
+                Err(e) if snapshot.method != Some(CutMethod::Redirect) => {
+                    warn!("abandoning an unfinished cut: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if self.has_dependents(id)? {
+            snapshot.deleted = true;
+            self.snapshots.put(&snapshot)?;
+            info!("snapshot deleted; its image is kept until the clones reading it finish hydrating");
+            return Ok(());
+        }
+        self.pool.remove(&Storage::Image(id.clone()))?;
+        self.snapshots.remove(id)?;
+        info!("snapshot deleted");
+        Ok(())
+    }
+
+    fn has_dependents(&self, id: &SnapshotId) -> DomainResult<bool> {
+        Ok(self
+            .volumes
+            .list()?
+            .iter()
+            .any(|v| v.hydration.as_ref().is_some_and(|h| h.source == *id)))
+    }
+
+    /// Releases images nothing needs: removes deleted and hidden ones, and
+    /// detaches the loop devices of kept ones. Errors are logged: this runs
+    /// after the caller's work is done and is retried next time.
+    pub(super) fn collect_images(&self) {
+        let snapshots = match self.snapshots.list() {
+            Ok(list) => list,
+            Err(e) => {
+                warn!("listing snapshots to release images: {e}");
+                return;
+            }
+        };
+        for snapshot in snapshots {
+            let Ok(_guard) = self.locks.try_acquire([&snapshot.id]) else {
+                continue;
+            };
+            if snapshot.state != SnapshotState::Ready {
+                continue;
+            }
+            match self.has_dependents(&snapshot.id) {
+                Ok(false) => {}
+                Ok(true) => continue,
+                Err(e) => {
+                    warn!("checking the clones of {}: {e}", snapshot.id);
+                    continue;
+                }
+            }
+            let image = Storage::Image(snapshot.id.clone());
+            let result = if snapshot.hidden || snapshot.deleted {
+                self.pool
+                    .remove(&image)
+                    .and_then(|()| Ok(self.snapshots.remove(&snapshot.id)?))
+                    .map(|()| info!(snapshot = %snapshot.id, "image released"))
+            } else {
+                self.pool.detach(&image)
+            };
+            if let Err(e) = result {
+                warn!(snapshot = %snapshot.id, "releasing the image: {e}");
+            }
+        }
+    }
+}

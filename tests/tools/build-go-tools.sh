@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Builds the Go programs that liveclone's tests drive, at pinned versions,
+# from the Go module proxy (the only place Go sources come from), and caches
+# each binary by version so that a second run only checks a stamp file.
+#
+#   tests/tools/build-go-tools.sh                  # every tool; prints "NAME PATH" lines
+#   tests/tools/build-go-tools.sh csi-sanity       # only the named tools
+#   tests/tools/build-go-tools.sh --path csi-sanity    # print only the path
+#
+# Output (under $LIVECLONE_TOOLS_CACHE, default ~/.cache/liveclone/tools, or
+# /var/cache/liveclone/tools without HOME; beside the VM bench's cache):
+#   <tool>-<version>/<tool>       the binary
+#   <tool>-<version>/build.env    what built it (package, Go version)
+#   go-<version>/                 a Go toolchain, only when the machine has no
+#                                 Go new enough (see find_go below)
+#
+# Adding a tool is one line in TOOLS. A tool that `go install pkg@version`
+# cannot build (kube-apiserver: its go.mod replaces the staging modules with
+# local paths) needs its own build function next to build_go_install.
+set -euo pipefail
+
+log() { printf 'tools: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# name          version   package                                              version variable (-X), or -
+TOOLS=(
+    "csi-sanity    v5.6.0    github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity    main.VERSION"
+)
+
+# The oldest Go that builds every tool above: the highest `go` line among
+# their go.mod files (csi-test v5.6.0 says `go 1.25.0`).
+GO_MIN=1.25
+# The toolchain fetched through the module proxy when the machine's Go is
+# older than GO_MIN or missing (Debian bookworm's golang-go is 1.19).
+GO_FETCH_VERSION=1.26.8
+
+# --- arguments ---------------------------------------------------------------
+
+print_path_only=0
+wanted=()
+for arg in "$@"; do
+    case "$arg" in
+        --path) print_path_only=1 ;;
+        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        -*) die "unknown option $arg" ;;
+        *) wanted+=("$arg") ;;
+    esac
+done
+
+# --- cache root ---------------------------------------------------------------
+
+# Same resolution as tests/vm/prepare.sh and crates/vmtest/src/cache.rs, with
+# tools/ instead of vm/ (LIVECLONE_TOOLS_CACHE moves it, as LIVECLONE_VM_CACHE
+# moves the VM's).
+if [ -n "${HOME:-}" ]; then DEFAULT_CACHE="$HOME/.cache"; else DEFAULT_CACHE=/var/cache; fi
+TOOLS_ROOT="${LIVECLONE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$DEFAULT_CACHE}/liveclone/tools}"
+mkdir -p "$TOOLS_ROOT"
+
+# Two builds at once (parallel make, two checkouts) would race on the same
+# directories: take turns.
+exec 9>"$TOOLS_ROOT/.lock"
+flock 9
+
+# Without HOME, Go has nowhere for its module and build caches: keep them in
+# ours. With HOME, Go's usual caches are shared with the user's other builds.
+if [ -z "${HOME:-}" ]; then
+    export GOPATH="${GOPATH:-$TOOLS_ROOT/.gopath}"
+    export GOCACHE="${GOCACHE:-$TOOLS_ROOT/.gocache}"
+fi
+# Sources through the module proxy only (no fallback to cloning from GitHub),
+# checked against the checksum database; the exact Go we chose, never one that
+# a go.mod asks to switch to; no flags from the caller's GOFLAGS.
+export GOPROXY="${GOPROXY:-https://proxy.golang.org}"
+export GOSUMDB="${GOSUMDB:-sum.golang.org}"
+export GOTOOLCHAIN=local
+export GOFLAGS=""
+export CGO_ENABLED=0
+
+# --- Go ----------------------------------------------------------------------
+
+# "1.26.8" from `go version` (prints "go version go1.26.8 linux/amd64").
+go_version_of() {
+    "$1" version 2>/dev/null | awk '{sub(/^go/, "", $3); print $3}'
+}
+
+# Is version $1 at least $2? (sort -V orders 1.9 < 1.19 < 1.25.0 correctly.)
+version_at_least() {
+    [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n1)" = "$2" ]
+}
+
+# Any Go on this machine, new or old: PATH first, then the usual places.
+find_any_go() {
+    local candidate
+    for candidate in "$(command -v go || true)" /usr/local/go/bin/go /usr/lib/go/bin/go; do
+        if [ -n "$candidate" ] && [ -x "$candidate" ] && [ -n "$(go_version_of "$candidate")" ]; then
+            printf '%s\n' "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
+
+install_bootstrap_go() {
+    command -v apt-get >/dev/null || die "no Go found and no apt-get to install one; install Go >= $GO_MIN"
+    if [ "${#SUDO[@]}" -gt 0 ]; then
+        command -v sudo >/dev/null || die "no Go found; run as root or install sudo (or Go >= $GO_MIN)"
+    fi
+    log "no Go found: installing Debian's golang-go to bootstrap Go $GO_FETCH_VERSION"
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends golang-go ca-certificates >/dev/null
+}
+
+# Fetches Go $GO_FETCH_VERSION as the module golang.org/toolchain through the
+# proxy, checked against the checksum database: what GOTOOLCHAIN=goX.Y.Z does
+# inside Go >= 1.21, done by hand so that any older bootstrap Go (bookworm's
+# 1.19 knows nothing of GOTOOLCHAIN) can do it too.
+fetch_toolchain() {
+    local bootstrap="$1" dest="$2"
+    local os arch module work dir
+    os="$("$bootstrap" env GOHOSTOS)"
+    arch="$("$bootstrap" env GOHOSTARCH)"
+    module="golang.org/toolchain@v0.0.1-go${GO_FETCH_VERSION}.${os}-${arch}"
+    work="$dest.partial"
+    rm -rf "$work" "$dest"
+    mkdir -p "$work"
+    log "downloading $module through $GOPROXY (bootstrap: Go $(go_version_of "$bootstrap"))"
+    # Outside any module, with a private module cache (writable, so that it
+    # can be removed after).
+    dir="$(cd "$work" && GOMODCACHE="$work/modcache" GOFLAGS=-modcacherw \
+        "$bootstrap" mod download -json "$module" |
+        awk -F'"' '$2 == "Dir" {print $4}')"
+    [ -n "$dir" ] && [ -f "$dir/bin/go" ] || die "downloading $module gave no bin/go"
+    mv "$dir" "$dest"
+    rm -rf "$work"
+    # Module zips carry no file modes; the go command marks these executable
+    # when it switches toolchains itself.
+    chmod +x "$dest"/bin/* "$dest"/pkg/tool/*/*
+    touch "$dest/.complete"
+}
+
+# The go command for the builds: the machine's own if new enough, else a
+# toolchain cached by an earlier run, else one fetched now.
+find_go() {
+    local go_bin version fetched="$TOOLS_ROOT/go-$GO_FETCH_VERSION"
+    if go_bin="$(find_any_go)"; then
+        version="$(go_version_of "$go_bin")"
+        if version_at_least "$version" "$GO_MIN"; then
+            printf '%s\n' "$go_bin"
+            return
+        fi
+        log "Go $version at $go_bin is older than $GO_MIN"
+    fi
+    if [ -f "$fetched/.complete" ]; then
+        log "cache hit: Go $GO_FETCH_VERSION in $fetched"
+    else
+        if ! go_bin="$(find_any_go)"; then
+            install_bootstrap_go
+            go_bin="$(find_any_go)" || die "golang-go installed but no go command found"
+        fi
+        fetch_toolchain "$go_bin" "$fetched"
+    fi
+    printf '%s\n' "$fetched/bin/go"
+}
+
+# --- tools -------------------------------------------------------------------
+
+GO=""
+
+# `go install pkg@version` into a fresh folder, then the folder becomes the
+# cache entry in one rename, so an interrupted build never looks complete.
+build_go_install() {
+    local name="$1" version="$2" package="$3" version_var="$4" dir="$5"
+    local work="$dir.partial" ldflags=""
+    if [ "$version_var" != "-" ]; then ldflags="-X $version_var=$version"; fi
+    rm -rf "$work"
+    mkdir -p "$work"
+    log "building $name $version from $package (Go $(go_version_of "$GO"))"
+    (cd "$work" && GOBIN="$work" "$GO" install -trimpath -ldflags="$ldflags" "$package@$version")
+    [ -x "$work/$name" ] || die "go install left no $name binary in $work"
+    cat > "$work/build.env" <<EOF
+TOOL=$name
+VERSION=$version
+PACKAGE=$package
+GO_VERSION=$(go_version_of "$GO")
+EOF
+    rm -rf "$dir"
+    mv "$work" "$dir"
+    touch "$dir/.complete"
+}
+
+is_wanted() {
+    local name="$1" want
+    [ "${#wanted[@]}" -eq 0 ] && return 0
+    for want in "${wanted[@]}"; do
+        [ "$want" = "$name" ] && return 0
+    done
+    return 1
+}
+
+known=()
+for line in "${TOOLS[@]}"; do
+    read -r name _ <<<"$line"
+    known+=("$name")
+done
+for want in "${wanted[@]}"; do
+    [[ " ${known[*]} " == *" $want "* ]] || die "unknown tool '$want' (known: ${known[*]})"
+done
+
+for line in "${TOOLS[@]}"; do
+    read -r name version package version_var <<<"$line"
+    is_wanted "$name" || continue
+    dir="$TOOLS_ROOT/$name-$version"
+    if [ -f "$dir/.complete" ] && [ -x "$dir/$name" ]; then
+        log "cache hit: $name $version in $dir"
+    else
+        if [ -z "$GO" ]; then GO="$(find_go)"; fi
+        start=$SECONDS
+        build_go_install "$name" "$version" "$package" "$version_var" "$dir"
+        log "built $name $version in $((SECONDS - start)) s"
+    fi
+    if [ "$print_path_only" -eq 1 ]; then
+        printf '%s\n' "$dir/$name"
+    else
+        printf '%s %s\n' "$name" "$dir/$name"
+    fi
+done
