@@ -37,7 +37,10 @@ fn linux() -> Os {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("liveclone: starting the async runtime: {e}");
@@ -46,9 +49,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Controller(args) => cli::serve::run(cli::serve::Mode::Controller, args, linux()).await,
+            Command::Controller(args) => {
+                cli::serve::run(cli::serve::Mode::Controller, args, linux()).await
+            }
             Command::Node(args) => cli::serve::run(cli::serve::Mode::Node, args, linux()).await,
-            Command::Standalone(args) => cli::serve::run(cli::serve::Mode::Standalone, args, linux()).await,
+            Command::Standalone(args) => {
+                cli::serve::run(cli::serve::Mode::Standalone, args, linux()).await
+            }
             Command::Status(args) => cli::status::run(args).await,
             Command::Hydration(args) => cli::hydration::run(args).await,
         }

@@ -23,6 +23,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use liveclone::grpc::client::connect_unix;
@@ -1188,7 +1189,7 @@ impl Bench {
             .unwrap_or_else(|e| panic!("opening {}: {e}", self.log.display()));
         let _ = writeln!(log, "===== test: driver start #{} =====", self.starts);
         let err = log.try_clone().expect("duplicating the log handle");
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(driver_binary());
         let args: Vec<&OsStr> = vec![
             OsStr::new("standalone"),
             OsStr::new("--endpoint"),
@@ -1219,7 +1220,7 @@ impl Bench {
         }
         let child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("starting {}: {e}", driver_binary().display()));
         self.driver = Some(child);
 
         let started = Instant::now();
@@ -1790,9 +1791,42 @@ fn expect_code<T: std::fmt::Debug>(what: &str, result: Result<T, tonic::Status>,
     }
 }
 
+/// The binary to run. In the VM, a private copy on the scratch disk, made
+/// once per test process: the VM reads the host's `target` folder over 9p,
+/// and a build on the host that replaced `target/debug/liveclone` while a
+/// test started it made the driver die at once with SIGSEGV.
+fn driver_binary() -> &'static Path {
+    static COPY: OnceLock<PathBuf> = OnceLock::new();
+    COPY.get_or_init(|| {
+        let in_vm = std::env::var_os("LIVECLONE_IN_VM").is_some_and(|v| v == "1");
+        if !in_vm {
+            return PathBuf::from(BIN);
+        }
+        let copy =
+            std::env::temp_dir().join(format!("liveclone-under-test-{}", std::process::id()));
+        std::fs::copy(BIN, &copy)
+            .unwrap_or_else(|e| panic!("copying {BIN} to {}: {e}", copy.display()));
+        let version = Command::new(&copy)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("running {} --version: {e}", copy.display()));
+        assert!(
+            version.status.success(),
+            "the copy of {BIN} does not run ({}); was it being rebuilt?",
+            version.status
+        );
+        say(&format!(
+            "driver under test: {} ({})",
+            copy.display(),
+            String::from_utf8_lossy(&version.stdout).trim()
+        ));
+        copy
+    })
+}
+
 /// `liveclone <args>` as a user would run it; its stdout.
 fn liveclone_cli(args: &[&str]) -> String {
-    let output = Command::new(BIN)
+    let output = Command::new(driver_binary())
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running liveclone {args:?}: {e}"));

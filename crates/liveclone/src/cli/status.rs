@@ -82,7 +82,9 @@ fn hydration_columns(hydration: Option<&Hydration>, with_bar: bool) -> [String; 
 /// A table with one row per volume (and the hydration message below each
 /// clone that has one worth reading).
 pub fn render_table(volumes: &[VolumeStatus], with_bar: bool) -> String {
-    let header = ["VOLUME", "NAME", "SIZE", "ACCESS", "SOURCE", "PHASE", "PROGRESS", "RATE", "ETA"];
+    let header = [
+        "VOLUME", "NAME", "SIZE", "ACCESS", "SOURCE", "PHASE", "PROGRESS", "RATE", "ETA",
+    ];
     let mut rows: Vec<[String; 9]> = vec![header.map(str::to_owned)];
     for volume in volumes {
         let [phase, progress, rate, eta] = hydration_columns(volume.hydration.as_ref(), with_bar);

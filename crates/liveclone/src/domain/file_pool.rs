@@ -34,7 +34,9 @@ pub struct FilePool {
 
 impl std::fmt::Debug for FilePool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FilePool").field("root", &self.root).finish()
+        f.debug_struct("FilePool")
+            .field("root", &self.root)
+            .finish()
     }
 }
 
@@ -44,7 +46,9 @@ fn io_error(what: &str, path: &Path, error: std::io::Error) -> DomainError {
         Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT => {
             DomainError::resource_exhausted(message)
         }
-        _ if error.kind() == std::io::ErrorKind::AlreadyExists => DomainError::already_exists(message),
+        _ if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            DomainError::already_exists(message)
+        }
         _ if error.kind() == std::io::ErrorKind::NotFound => DomainError::not_found(message),
         _ => DomainError::internal(message),
     }
@@ -138,8 +142,11 @@ impl Pool for FilePool {
     fn check(&self) -> Result<(), String> {
         for sub in [VOLUMES, IMAGES, METADATA] {
             let dir = self.root.join(sub);
-            nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK)
-                .map_err(|e| format!("the pool folder {} is not writable: {e}", dir.display()))?;
+            nix::unistd::access(
+                &dir,
+                nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+            )
+            .map_err(|e| format!("the pool folder {} is not writable: {e}", dir.display()))?;
         }
         Ok(())
     }
@@ -198,7 +205,10 @@ impl Pool for FilePool {
     fn grow(&self, item: &Storage, bytes: u64) -> DomainResult<()> {
         let file = self.open_existing(item, true)?;
         let path = self.path_of(item);
-        let current = file.metadata().map_err(|e| io_error("inspecting", &path, e))?.len();
+        let current = file
+            .metadata()
+            .map_err(|e| io_error("inspecting", &path, e))?
+            .len();
         if bytes > current {
             file.set_len(bytes)
                 .and_then(|()| file.sync_all())

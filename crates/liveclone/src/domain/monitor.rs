@@ -18,7 +18,9 @@ use tracing::{debug, info, warn};
 
 use crate::domain::engine::{dm_name, Engine};
 use crate::domain::error::{DomainError, ErrorCode};
-use crate::domain::hydration::{HydrationPhase, HydrationTracker, PhaseChange, Sample, StallPolicy};
+use crate::domain::hydration::{
+    HydrationPhase, HydrationTracker, PhaseChange, Sample, StallPolicy,
+};
 use crate::domain::ids::VolumeId;
 
 #[derive(Debug, Clone, Copy)]
@@ -164,7 +166,10 @@ async fn round(
         Err(e) => warn!(volume = %id, "switching to linear: {e}"),
     }
     let reason = "the clone was not ready or the engine was busy";
-    log_change(id, entry.tracker.abort_switch(origin.elapsed(), reason).ok());
+    log_change(
+        id,
+        entry.tracker.abort_switch(origin.elapsed(), reason).ok(),
+    );
     engine.publish_progress(id, entry.tracker.progress());
 }
 
@@ -177,7 +182,9 @@ fn log_change(id: &VolumeId, change: Option<PhaseChange>) {
         HydrationPhase::Stalled | HydrationPhase::Failed => {
             warn!(volume = %id, from = %change.from, to = %change.to, "hydration {}: {}", change.to, change.reason);
         }
-        _ => info!(volume = %id, from = %change.from, to = %change.to, "hydration {}: {}", change.to, change.reason),
+        _ => {
+            info!(volume = %id, from = %change.from, to = %change.to, "hydration {}: {}", change.to, change.reason)
+        }
     }
 }
 

@@ -32,9 +32,7 @@ impl AllowedRoots {
 
     /// Returns the path if it is acceptable; INVALID_ARGUMENT otherwise.
     pub fn check(&self, what: &str, path: &str) -> DomainResult<PathBuf> {
-        let invalid = |why: &str| {
-            DomainError::invalid_argument(format!("{what} {path:?} {why}"))
-        };
+        let invalid = |why: &str| DomainError::invalid_argument(format!("{what} {path:?} {why}"));
         if path.is_empty() {
             return Err(DomainError::invalid_argument(format!("{what} is missing")));
         }
@@ -51,7 +49,11 @@ impl AllowedRoots {
         {
             return Err(invalid("contains `.` or `..`"));
         }
-        let under = |p: &Path| self.roots.iter().any(|root| p.starts_with(root) && p != root);
+        let under = |p: &Path| {
+            self.roots
+                .iter()
+                .any(|root| p.starts_with(root) && p != root)
+        };
         if !under(candidate) {
             return Err(invalid(&format!(
                 "is outside the allowed folders ({})",
@@ -60,10 +62,7 @@ impl AllowedRoots {
         }
         if let Some(parent) = candidate.parent() {
             if let Ok(resolved) = parent.canonicalize() {
-                let resolved_ok = self
-                    .roots
-                    .iter()
-                    .any(|root| resolved.starts_with(root));
+                let resolved_ok = self.roots.iter().any(|root| resolved.starts_with(root));
                 if !resolved_ok {
                     return Err(invalid(&format!(
                         "resolves through a symlink to {} outside the allowed folders",
@@ -101,7 +100,9 @@ mod tests {
         }
         let dotdot = format!("{}/../etc", root.display());
         assert!(roots.check("target path", &dotdot).is_err());
-        assert!(roots.check("target path", root.to_str().expect("utf-8")).is_err());
+        assert!(roots
+            .check("target path", root.to_str().expect("utf-8"))
+            .is_err());
     }
 
     #[test]

@@ -25,7 +25,9 @@ pub enum Storage {
 impl fmt::Display for Storage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Storage::Data { volume, generation } => write!(f, "data of {volume} (generation {generation})"),
+            Storage::Data { volume, generation } => {
+                write!(f, "data of {volume} (generation {generation})")
+            }
             Storage::Image(snapshot) => write!(f, "image of {snapshot}"),
             Storage::Metadata(volume) => write!(f, "clone metadata of {volume}"),
         }

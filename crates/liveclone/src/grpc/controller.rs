@@ -769,6 +769,12 @@ mod tests {
             .await
             .expect_err("same name, other size");
         assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+        let mut as_block = create_request("pvc-1", 16 * MIB);
+        as_block.volume_capabilities = vec![block_capability(Mode::SingleNodeWriter)];
+        assert_eq!(code(create(&node, as_block).await), Code::AlreadyExists);
+        let mut tuned = create_request("pvc-1", 16 * MIB);
+        tuned.parameters = [("liveclone.io/regionSize".to_owned(), "64KiB".to_owned())].into();
+        assert_eq!(code(create(&node, tuned).await), Code::AlreadyExists);
         assert_eq!(node.engine.list_volumes().expect("list").len(), 1);
     }
 

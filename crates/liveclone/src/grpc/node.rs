@@ -201,6 +201,8 @@ impl Node for NodeService {
                 target_path: request.target_path.clone(),
                 block: wanted.access == Access::Block,
                 read_only: request.readonly || wanted.is_read_only(),
+                single_writer: wanted.mode
+                    == crate::proto::csi::v1::volume_capability::access_mode::Mode::SingleNodeSingleWriter,
             };
             let engine = Arc::clone(&self.engine);
             run_blocking(&span, move || {

@@ -40,13 +40,23 @@ impl OsError {
     }
 
     /// From an I/O error on `path`, mapping the errno to a kind.
-    pub fn io(operation: impl Into<String>, path: impl Into<PathBuf>, error: &std::io::Error) -> Self {
+    pub fn io(
+        operation: impl Into<String>,
+        path: impl Into<PathBuf>,
+        error: &std::io::Error,
+    ) -> Self {
         let kind = match error.raw_os_error() {
-            Some(code) if code == nix::libc::ENOENT || code == nix::libc::ENXIO || code == nix::libc::ENODEV => {
+            Some(code)
+                if code == nix::libc::ENOENT
+                    || code == nix::libc::ENXIO
+                    || code == nix::libc::ENODEV =>
+            {
                 OsErrorKind::NotFound
             }
             Some(code) if code == nix::libc::EBUSY => OsErrorKind::Busy,
-            Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT => OsErrorKind::NoSpace,
+            Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT => {
+                OsErrorKind::NoSpace
+            }
             Some(code)
                 if code == nix::libc::EOPNOTSUPP
                     || code == nix::libc::ENOTTY
@@ -56,7 +66,11 @@ impl OsError {
             }
             _ => OsErrorKind::Failed,
         };
-        Self::new(kind, operation, format!("{}: {error}", path.into().display()))
+        Self::new(
+            kind,
+            operation,
+            format!("{}: {error}", path.into().display()),
+        )
     }
 
     pub fn is_not_found(&self) -> bool {

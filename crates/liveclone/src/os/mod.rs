@@ -28,4 +28,3 @@ impl std::fmt::Debug for Os {
         f.write_str("Os")
     }
 }
-

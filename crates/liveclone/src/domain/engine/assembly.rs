@@ -67,8 +67,12 @@ impl Engine {
             return Table::linear(length, device_ref(&data)?)
                 .map_err(|e| DomainError::internal(e.to_string()));
         };
-        let metadata = self.pool.attach(&Storage::Metadata(record.id.clone()), false)?;
-        let source = self.pool.attach(&Storage::Image(hydration.source.clone()), true)?;
+        let metadata = self
+            .pool
+            .attach(&Storage::Metadata(record.id.clone()), false)?;
+        let source = self
+            .pool
+            .attach(&Storage::Image(hydration.source.clone()), true)?;
         let region_size = hydration.region_size().ok_or_else(|| {
             DomainError::internal(format!(
                 "volume {}: recorded region size {} sectors is invalid",
@@ -113,6 +117,13 @@ impl Engine {
                     info!(volume = %record.id, "reloading device {name}: its table differs from the record");
                     self.os.dm.load(&name, &expected)?;
                     self.os.dm.resume(&name)?;
+                } else if device.inactive_table {
+                    // A crash between a load and its resume (a switch to
+                    // linear, a cut) left a table nobody checked waiting: a
+                    // plain resume would swap it in. Replace it first.
+                    warn!(volume = %record.id, "device {name} has an unchecked inactive table; reloading the recorded one");
+                    self.os.dm.load(&name, &expected)?;
+                    self.os.dm.resume(&name)?;
                 } else if device.suspended {
                     warn!(volume = %record.id, "device {name} was left suspended; resuming it");
                     self.os.dm.resume(&name)?;
@@ -154,27 +165,24 @@ impl Engine {
     }
 
     /// Suspends a device for a cut and resumes it when dropped, so no
-    /// error path leaves a volume frozen. Freezes a mounted file system
-    /// first, so the cut is consistent for the file system, not only
-    /// crash-consistent.
+    /// error path leaves a volume frozen. The cut is consistent for a
+    /// mounted file system, not only crash-consistent: a suspend without
+    /// `--nolockfs` freezes the file system on the device itself (dm's
+    /// `lock_fs`, through `freeze_bdev`) and resume thaws it.
+    ///
+    /// No FIFREEZE of our own before it: on kernels before 6.8 the
+    /// suspend's `freeze_bdev` then finds the super block already frozen
+    /// and fails with EBUSY (`freeze_super`), so every cut of a mounted
+    /// volume would fail.
     pub(super) fn quiesce(&self, record: &VolumeRecord) -> DomainResult<Quiesced<'_>> {
         let name = dm_name(&record.id);
-        let info = self
-            .os
-            .dm
-            .info(&name)?
-            .ok_or_else(|| DomainError::internal(format!("device {name} is missing")))?;
-        let frozen = match self.os.fs.mounts_of(info.major, info.minor)?.first() {
-            Some(mount) => {
-                self.os.fs.freeze(&mount.mount_point)?;
-                Some(mount.mount_point.clone())
-            }
-            None => None,
-        };
+        if self.os.dm.info(&name)?.is_none() {
+            return Err(DomainError::internal(format!("device {name} is missing")));
+        }
         let mut guard = Quiesced {
             engine: self,
             name: name.clone(),
-            frozen,
+            frozen: None,
             suspended: false,
         };
         self.os.dm.suspend(&name, SuspendFlush::Flush)?;

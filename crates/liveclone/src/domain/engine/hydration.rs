@@ -3,6 +3,7 @@
 
 use tracing::{info, info_span, warn};
 
+use super::assembly::DeviceOutcome;
 use super::{dm_name, Engine};
 use crate::domain::error::{DomainError, DomainResult};
 use crate::domain::ids::VolumeId;
@@ -28,7 +29,11 @@ impl Engine {
             .list()?
             .into_iter()
             .filter(|v| v.state == crate::domain::model::VolumeState::Ready)
-            .filter_map(|v| v.hydration.map(|h| (v.id, h.paused)))
+            .filter_map(|v| v.hydration.map(|h| (v.id, h)))
+            // Before `Enabled` the table may not be a clone yet (a cut in
+            // progress): not the monitor's business.
+            .filter(|(_, h)| h.stage == crate::domain::model::HydrationStage::Enabled)
+            .map(|(id, h)| (id, h.paused))
             .collect())
     }
 
@@ -45,7 +50,21 @@ impl Engine {
         let Some(info) = self.os.dm.info(&name)? else {
             return Err(DomainError::internal(format!("device {name} is missing")));
         };
-        let status = self.os.dm.clone_status(&name)?;
+        let status = match self.os.dm.clone_status(&name) {
+            Ok(status) => status,
+            Err(error) => {
+                // The monitor samples before it switches: a switch whose
+                // record update failed must be finished from here too.
+                let finished = self
+                    .locks
+                    .try_acquire_background([id])
+                    .and_then(|_guard| self.finish_interrupted_switch(id));
+                if let Ok(true) = finished {
+                    return Ok(None);
+                }
+                return Err(error.into());
+            }
+        };
         Ok(Some(HydrationSample {
             status,
             event_nr: info.event_nr,
@@ -120,11 +139,14 @@ impl Engine {
     pub fn complete_hydration(&self, id: &VolumeId) -> DomainResult<bool> {
         let span = info_span!("switch_to_linear", volume = %id);
         let _entered = span.enter();
-        let _guard = self.locks.try_acquire([id])?;
+        let _guard = self.locks.try_acquire_background([id])?;
         let Some(record) = self.volumes.get(id)? else {
             return Ok(true);
         };
         if record.hydration.is_none() {
+            return Ok(true);
+        }
+        if self.finish_interrupted_switch(id)? {
             return Ok(true);
         }
         let name = dm_name(id);
@@ -163,6 +185,25 @@ impl Engine {
         loaded?;
         resumed?;
         info!("switched to a linear table; the clone is independent of its source");
+        self.finish_switch(record)?;
+        Ok(true)
+    }
+
+    /// A switch whose record update failed leaves the device linear while
+    /// the record still says hydrating (until a restart's recovery sees it).
+    /// Finishes such a switch; `true` if there was one. The caller holds
+    /// the volume's lock.
+    fn finish_interrupted_switch(&self, id: &VolumeId) -> DomainResult<bool> {
+        let Some(record) = self.volumes.get(id)?.filter(|r| r.hydration.is_some()) else {
+            return Ok(false);
+        };
+        if self.os.dm.table(&dm_name(id))?.clone_target().is_some() {
+            return Ok(false);
+        }
+        if self.ensure_device(&record)? != DeviceOutcome::AlreadySwitched {
+            return Ok(false);
+        }
+        warn!(volume = %id, "the device was switched to linear but not recorded; finishing the switch");
         self.finish_switch(record)?;
         Ok(true)
     }

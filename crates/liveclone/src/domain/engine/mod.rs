@@ -17,6 +17,8 @@ mod hydration;
 mod node;
 mod recovery;
 mod snapshots;
+#[cfg(test)]
+mod tests;
 mod volumes;
 
 use std::collections::BTreeMap;

@@ -36,6 +36,8 @@ pub struct PublishRequest {
     pub target_path: String,
     pub block: bool,
     pub read_only: bool,
+    /// SINGLE_NODE_SINGLE_WRITER: refuse a second publication.
+    pub single_writer: bool,
 }
 
 /// What NodeGetVolumeStats reports.
@@ -122,10 +124,7 @@ impl Engine {
             return Ok(());
         };
         let flags = validate_mount_flags(&mount.flags)?;
-        let fs = mount
-            .fs
-            .or(record.access.fs())
-            .unwrap_or(FsType::DEFAULT);
+        let fs = mount.fs.or(record.access.fs()).unwrap_or(FsType::DEFAULT);
         if self.os.fs.mount_at(&staging)?.is_some() {
             if self.is_mount_of(id, &staging)? {
                 return Ok(());
@@ -161,7 +160,10 @@ impl Engine {
     }
 
     pub fn unstage(&self, id: &VolumeId, staging_path: &str) -> DomainResult<()> {
-        let staging = self.config.allowed_roots.check("staging path", staging_path)?;
+        let staging = self
+            .config
+            .allowed_roots
+            .check("staging path", staging_path)?;
         let _guard = self.locks.try_acquire([id])?;
         self.require_volume(id)?;
         self.os.fs.unmount(&staging)?;
@@ -203,15 +205,37 @@ impl Engine {
                     staging.display()
                 )));
             }
+            if request.single_writer {
+                let (major, minor) = self.device_numbers(id)?;
+                let elsewhere: Vec<_> = self
+                    .os
+                    .fs
+                    .mounts_of(major, minor)?
+                    .into_iter()
+                    .map(|m| m.mount_point)
+                    .filter(|p| *p != staging && *p != target)
+                    .collect();
+                if let Some(other) = elsewhere.first() {
+                    return Err(DomainError::failed_precondition(format!(
+                        "volume {id} has access mode SINGLE_NODE_SINGLE_WRITER and is already                          published at {}",
+                        other.display()
+                    )));
+                }
+            }
             create_dir_if_missing(&target)?;
-            self.os.fs.bind_mount(&staging, &target, request.read_only)?;
+            self.os
+                .fs
+                .bind_mount(&staging, &target, request.read_only)?;
         }
         info!(path = %target.display(), read_only = request.read_only, "published");
         Ok(())
     }
 
     pub fn unpublish(&self, id: &VolumeId, target_path: &str) -> DomainResult<()> {
-        let target = self.config.allowed_roots.check("target path", target_path)?;
+        let target = self
+            .config
+            .allowed_roots
+            .check("target path", target_path)?;
         let _guard = self.locks.try_acquire([id])?;
         self.require_volume(id)?;
         self.os.fs.unmount(&target)?;
@@ -232,7 +256,9 @@ impl Engine {
         let record = self.require_volume(id)?;
         let path = PathBuf::from(volume_path);
         if !path.exists() {
-            return Err(DomainError::not_found(format!("{volume_path} does not exist")));
+            return Err(DomainError::not_found(format!(
+                "{volume_path} does not exist"
+            )));
         }
         if !self.is_mount_of(id, &path)? {
             return Err(DomainError::not_found(format!(
@@ -253,19 +279,27 @@ impl Engine {
     /// A message when hydration is stalled or failed, for volume conditions.
     pub fn abnormal_condition(&self, id: &VolumeId) -> Option<String> {
         let progress = self.progress_of(id)?;
-        matches!(progress.phase, HydrationPhase::Stalled | HydrationPhase::Failed)
-            .then(|| progress.message.clone())
+        matches!(
+            progress.phase,
+            HydrationPhase::Stalled | HydrationPhase::Failed
+        )
+        .then(|| progress.message.clone())
     }
 
     /// Grows the file system mounted at `volume_path` to its device.
     pub fn node_expand(&self, id: &VolumeId, volume_path: &str) -> DomainResult<u64> {
         // An unknown volume is NOT_FOUND whatever the path looks like.
         self.require_volume(id)?;
-        let path = self.config.allowed_roots.check("volume path", volume_path)?;
+        let path = self
+            .config
+            .allowed_roots
+            .check("volume path", volume_path)?;
         let _guard = self.locks.try_acquire([id])?;
         let mut record = self.require_volume(id)?;
         if !path.exists() {
-            return Err(DomainError::not_found(format!("{volume_path} does not exist")));
+            return Err(DomainError::not_found(format!(
+                "{volume_path} does not exist"
+            )));
         }
         if let (Some(fs), true) = (record.access.fs(), path.is_dir()) {
             if !self.is_mount_of(id, &path)? {

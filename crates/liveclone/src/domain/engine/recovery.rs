@@ -40,7 +40,9 @@ impl Engine {
                     .and_then(|_guard| self.continue_cut(snapshot.clone()));
                 match result {
                     Ok(_) => report.cuts_finished += 1,
-                    Err(e) => report.failures.push(format!("snapshot {}: {e}", snapshot.id)),
+                    Err(e) => report
+                        .failures
+                        .push(format!("snapshot {}: {e}", snapshot.id)),
                 }
             }
         }

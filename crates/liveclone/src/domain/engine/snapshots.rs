@@ -31,7 +31,9 @@ impl Engine {
             .map_err(|e| DomainError::invalid_argument(format!("snapshot name: {e}")))?;
         let span = info_span!("create_snapshot", snapshot = %id, volume = %source);
         let _entered = span.enter();
-        let _guard = self.locks.try_acquire([id.to_string(), source.to_string()])?;
+        let _guard = self
+            .locks
+            .try_acquire([id.to_string(), source.to_string()])?;
         if let Some(existing) = self.snapshots.get(&id)? {
             if existing.source_volume != *source || existing.hidden {
                 return Err(DomainError::already_exists(format!(
@@ -108,7 +110,10 @@ impl Engine {
 
     /// Runs the cut's remaining steps; safe to call again after a crash at
     /// any point.
-    pub(super) fn continue_cut(&self, mut snapshot: SnapshotRecord) -> DomainResult<SnapshotRecord> {
+    pub(super) fn continue_cut(
+        &self,
+        mut snapshot: SnapshotRecord,
+    ) -> DomainResult<SnapshotRecord> {
         let volume = self.require_volume(&snapshot.source_volume)?;
         if snapshot.method != Some(CutMethod::Redirect) {
             self.check_cuttable(&volume)?;
@@ -136,7 +141,11 @@ impl Engine {
         Ok(snapshot)
     }
 
-    fn redirect_cut(&self, snapshot: &SnapshotRecord, mut volume: VolumeRecord) -> DomainResult<()> {
+    fn redirect_cut(
+        &self,
+        snapshot: &SnapshotRecord,
+        mut volume: VolumeRecord,
+    ) -> DomainResult<()> {
         let image = Storage::Image(snapshot.id.clone());
         let old_data = Storage::Data {
             volume: volume.id.clone(),
@@ -205,6 +214,14 @@ impl Engine {
             self.trim_mounted(&volume);
             volume = self.set_stage(volume, HydrationStage::Trimmed)?;
             self.apply_hydration_settings(&volume)?;
+        }
+        // Separate, so a retry after a failure between the two records
+        // still reaches Enabled (ensure_device above re-sent the settings).
+        if volume
+            .hydration
+            .as_ref()
+            .is_some_and(|h| h.stage == HydrationStage::Trimmed)
+        {
             self.set_stage(volume, HydrationStage::Enabled)?;
         }
         Ok(())
@@ -254,7 +271,9 @@ impl Engine {
         if self.has_dependents(id)? {
             snapshot.deleted = true;
             self.snapshots.put(&snapshot)?;
-            info!("snapshot deleted; its image is kept until the clones reading it finish hydrating");
+            info!(
+                "snapshot deleted; its image is kept until the clones reading it finish hydrating"
+            );
             return Ok(());
         }
         self.pool.remove(&Storage::Image(id.clone()))?;
@@ -283,7 +302,7 @@ impl Engine {
             }
         };
         for snapshot in snapshots {
-            let Ok(_guard) = self.locks.try_acquire([&snapshot.id]) else {
+            let Ok(_guard) = self.locks.try_acquire_background([&snapshot.id]) else {
                 continue;
             };
             if snapshot.state != SnapshotState::Ready {

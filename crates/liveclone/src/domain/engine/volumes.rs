@@ -71,7 +71,9 @@ impl CapacityRange {
             )));
         }
         if size == 0 {
-            return Err(DomainError::out_of_range("a volume needs at least one sector"));
+            return Err(DomainError::out_of_range(
+                "a volume needs at least one sector",
+            ));
         }
         Ok(size)
     }
@@ -116,13 +118,27 @@ impl Engine {
 
         let record = match self.volumes.get(&id)? {
             Some(existing) => {
+                // The spec's idempotency covers capacity, capabilities and
+                // parameters alike: a retry that differs in any is another
+                // volume under a name already taken.
+                let parameters: BTreeMap<String, String> = request
+                    .parameters
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(PARAMETER_PREFIX))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
                 if existing.content_source != request.source
+                    || existing.access != request.access
+                    || existing.parameters != parameters
                     || !request.capacity.admits(existing.capacity_bytes)
                 {
                     return Err(DomainError::already_exists(format!(
-                        "volume {:?} exists ({id}, {} bytes, source {:?}) and does not match \
-                         this request",
-                        request.name, existing.capacity_bytes, existing.content_source
+                        "volume {:?} exists ({id}, {} bytes, {:?}, source {:?}) and does not \
+                         match this request",
+                        request.name,
+                        existing.capacity_bytes,
+                        existing.access,
+                        existing.content_source
                     )));
                 }
                 match existing.state {
@@ -180,11 +196,9 @@ impl Engine {
             )));
         }
         let hydration = match (source_bytes, hydration_source) {
-            (Some(source_bytes), Some(source)) => Some(self.plan_hydration(
-                source,
-                source_bytes,
-                clone_parameters,
-            )?),
+            (Some(source_bytes), Some(source)) => {
+                Some(self.plan_hydration(source, source_bytes, clone_parameters)?)
+            }
             _ => None,
         };
         let record = VolumeRecord {
@@ -451,11 +465,18 @@ mod tests {
         assert_eq!(range(MIB + 1, MIB + 512).resolve(None), Ok(MIB + 512));
         assert_eq!(range(0, 0).resolve(Some(3 * MIB)), Ok(3 * MIB));
         assert_eq!(range(8 * MIB, 0).resolve(Some(3 * MIB)), Ok(8 * MIB));
-        let smaller = range(MIB, 0).resolve(Some(3 * MIB)).expect_err("smaller than source");
+        let smaller = range(MIB, 0)
+            .resolve(Some(3 * MIB))
+            .expect_err("smaller than source");
         assert_eq!(smaller.code, crate::domain::error::ErrorCode::OutOfRange);
-        let limited = range(0, 2 * MIB).resolve(Some(3 * MIB)).expect_err("limit below source");
+        let limited = range(0, 2 * MIB)
+            .resolve(Some(3 * MIB))
+            .expect_err("limit below source");
         assert_eq!(limited.code, crate::domain::error::ErrorCode::OutOfRange);
         let inverted = range(4 * MIB, 2 * MIB).resolve(None).expect_err("inverted");
-        assert_eq!(inverted.code, crate::domain::error::ErrorCode::InvalidArgument);
+        assert_eq!(
+            inverted.code,
+            crate::domain::error::ErrorCode::InvalidArgument
+        );
     }
 }

@@ -55,8 +55,7 @@ impl FromStr for DmName {
         let ok = s.len() <= DM_NAME_MAX
             && s.len() > DM_NAME_PREFIX.len()
             && s.starts_with(DM_NAME_PREFIX)
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if ok {
             Ok(Self(s.to_owned()))

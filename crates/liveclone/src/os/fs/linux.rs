@@ -22,6 +22,9 @@
 //!   dirty log (and still exits 0); the new UUID is checked with blkid.
 //! * [`LinuxFilesystems::thaw`] of a file system that is not frozen is
 //!   success, so a recovery path can always thaw.
+//! * A read-only [`LinuxFilesystems::bind_mount`] of a block device node
+//!   does not make the device read-only: the node still opens for writing
+//!   (tested).
 //! * [`LinuxFilesystems::reflink`] creates the destination with mode 0600;
 //!   making the new file durable (fsync of it and of its directory) is the
 //!   caller's [`Filesystems::flush`].
@@ -225,6 +228,12 @@ impl Filesystems for LinuxFilesystems {
     /// `MS_RDONLY` on the bind itself). The remount keeps the flags the new
     /// mount inherited (nosuid, nodev, noexec, atime), which a remount
     /// would otherwise clear; if it fails, the writable bind is undone.
+    ///
+    /// For a block device node bound onto a file, read-only is only a mount
+    /// flag: the kernel does not apply it to device nodes, so the node still
+    /// opens for writing and writes reach the device. Read-only raw block
+    /// access needs a read-only device (a read-only loop or device-mapper
+    /// table) or the container runtime's device permissions.
     fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> OsResult<()> {
         let operation = format!("mount --bind {} {}", source.display(), target.display());
         nix::mount::mount(

@@ -27,7 +27,7 @@
 //! the same device number as the kernel's superblock, which holds on ext4
 //! and xfs (the pool file systems) but not on btrfs subvolumes or overlayfs.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -191,17 +191,24 @@ impl LoopDevices for Losetup {
             .command()
             .args(["--list", "--json", "--output", LIST_COLUMNS]);
         let output = command.run()?;
-        let mut devices = parse_list(&output.stdout)
+        let listed = parse_list(&output.stdout)
             .map_err(|detail| OsError::new(OsErrorKind::Failed, command.display(), detail))?;
-        for device in &mut devices {
+        // Sizes come from sysfs, which also tells a device that vanished
+        // between the listing and now (its sysfs folder is gone). Whether
+        // the /dev node exists in this mount namespace does not matter: a
+        // container with a partial /dev must still see every attached file,
+        // or it would attach one twice.
+        let mut devices = Vec::with_capacity(listed.len());
+        for mut device in listed {
             match sysfs_size_bytes(&device.device) {
-                Ok(size) => device.size_bytes = size,
-                // Detached between the listing and now.
+                Ok(size) => {
+                    device.size_bytes = size;
+                    devices.push(device);
+                }
                 Err(error) if error.is_not_found() => {}
                 Err(error) => return Err(error),
             }
         }
-        devices.retain(|device| device.device.exists());
         Ok(devices)
     }
 
@@ -231,7 +238,6 @@ impl LoopDevices for Losetup {
                     "the device is in use (mounted or under a device-mapper table)",
                 ));
             }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(error) => return Err(OsError::io("open O_EXCL", device, &error)),
         }
         let command = self.command().arg("--detach").arg(device);
@@ -252,23 +258,14 @@ impl LoopDevices for Losetup {
     }
 }
 
-/// Whether `device` is a loop device with a backing file: sysfs shows
-/// `loop/backing_file` only while one is attached.
+/// Whether the loop device named by `device` has a backing file: sysfs
+/// shows `loop/backing_file` only while one is attached. Asked of sysfs,
+/// not of the `/dev` node, which a container may lack.
 fn is_attached(device: &Path) -> OsResult<bool> {
-    match std::fs::metadata(device) {
-        Ok(meta) if meta.file_type().is_block_device() => {}
-        Ok(_) => {
-            return Err(OsError::new(
-                OsErrorKind::Failed,
-                format!("losetup --detach {}", device.display()),
-                "not a block device",
-            ))
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(error) => return Err(OsError::io("stat", device, &error)),
-    }
-    let sysfs = sysfs_dir(device)?;
-    Ok(sysfs.join("loop").join("backing_file").exists())
+    Ok(sysfs_dir(device)?
+        .join("loop")
+        .join("backing_file")
+        .exists())
 }
 
 /// `/sys/class/block/<loopN>` for `/dev/loopN`.
