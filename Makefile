@@ -13,7 +13,7 @@
 
 CARGO ?= cargo
 VMTEST := target/debug/vmtest
-VM_TIMEOUT ?= 1500
+VM_TIMEOUT ?= 3000
 CMD ?= sh -c 'uname -a; dmsetup targets; lsblk'
 
 .PHONY: test test-unit test-vm lint vm-prepare vm-shell build demo-vm tools
@@ -53,6 +53,7 @@ endif
 
 demo-vm: $(VMTEST)
 	bash tests/vm/prepare.sh
+	$(CARGO) build -p liveclone --bin liveclone --example csi
 	$(VMTEST) run -- bash tests/vm/demo.sh
 
 vm-shell: $(VMTEST)

@@ -14,7 +14,8 @@
 //!
 //! The driver's log (`RUST_LOG=debug` unless set) goes to a file that is
 //! printed when a test fails, together with the device-mapper and loop
-//! devices left at that moment.
+//! devices left at that moment (`LIVECLONE_TEST_SHOW_LOG=1` prints it after
+//! a test that passed too).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
@@ -54,6 +55,9 @@ const START_LIMIT: Duration = Duration::from_secs(90);
 const STOP_LIMIT: Duration = Duration::from_secs(20);
 /// Lines of the driver's log printed when a test fails.
 const LOG_TAIL: usize = 400;
+/// Set to 1 to print the driver's whole log after a test that passed too
+/// (`vmtest test --env LIVECLONE_TEST_SHOW_LOG=1 ...`).
+const SHOW_LOG_ENV: &str = "LIVECLONE_TEST_SHOW_LOG";
 /// The xfs image that holds the pool of the xfs tests (sparse).
 const XFS_IMAGE_BYTES: u64 = 2 << 30;
 /// Tunables that make hydration slow enough to act during it (one 4 KiB
@@ -1439,6 +1443,13 @@ impl Bench {
 
 impl Drop for Bench {
     fn drop(&mut self) {
+        if !std::thread::panicking() && std::env::var_os(SHOW_LOG_ENV).is_some_and(|v| v == "1") {
+            say(&format!(
+                "[{}] --- the driver's log ({SHOW_LOG_ENV}=1) ---\n{}\n--- end of the driver's log ---",
+                self.label,
+                self.log_tail(usize::MAX)
+            ));
+        }
         if std::thread::panicking() {
             say(&format!(
                 "[{}] FAILED after {:.1} s; kernel state:\n{}\n--- last {LOG_TAIL} lines of the \
@@ -2319,4 +2330,38 @@ fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+#[test]
+fn zz_trim_probe() {
+    use liveclone::os::fs::Filesystems as _;
+    require_real_kernel();
+    let script = r#"
+set -e
+cd $TMPDIR; rm -rf tp; mkdir tp; cd tp
+truncate -s 128M s.img d.img; truncate -s 4M m.img
+S=$(losetup --find --show --direct-io=on s.img)
+mkfs.ext4 -q $S
+mkdir m2
+I=$S; D=$(losetup --find --show --direct-io=on d.img); M=$(losetup --find --show --direct-io=on m.img)
+dmsetup create lcprobe --table "0 262144 clone $M $D $I 8 1 no_hydration"
+echo "$S $D $M" > loops
+"#;
+    run("bash", &["-c".as_ref(), script.as_ref()]);
+    let dir = std::env::temp_dir().join("tp");
+    let fs = liveclone::os::fs::linux::LinuxFilesystems::new();
+    let m2 = dir.join("m2");
+    fs.mount(Path::new("/dev/mapper/lcprobe"), &m2, liveclone::os::fs::FsType::Ext4, &[])
+        .expect("mount");
+    let trimmed = fs.trim(&m2);
+    say(&format!("PROBE LinuxFilesystems::trim -> {trimmed:?}"));
+    say(&try_run("dmsetup", &["status", "--noflush", "lcprobe"]));
+    fs.unmount(&m2).expect("unmount");
+    fs.mount(Path::new("/dev/mapper/lcprobe"), &m2, liveclone::os::fs::FsType::Ext4, &[])
+        .expect("mount");
+    say(&try_run("fstrim", &["-v", m2.to_str().expect("utf8")]));
+    let trimmed = fs.trim(&m2);
+    say(&format!("PROBE LinuxFilesystems::trim again -> {trimmed:?}"));
+    fs.unmount(&m2).expect("unmount");
+    run("bash", &["-c".as_ref(), "cd $TMPDIR/tp; dmsetup remove lcprobe; losetup -d $(cat loops)".as_ref()]);
 }

@@ -89,6 +89,12 @@ const WITNESS: &[u8] = b"engine tests: formatted metadata seen here\n";
 /// goes when the volume is deleted.
 const METADATA_LEFT_AFTER_SWITCH: &str = "metadata file left after the switch to linear";
 
+/// What [`Rig::consistency_problems`] says of an image nothing reads that
+/// is still kept or attached. Images are released after a deletion, a
+/// switch or at start-up; a release that failed waits for the next one,
+/// so only a check before a restart tolerates this.
+const IMAGE_RELEASE_PENDING: &str = "image release pending";
+
 const INJECTED: &str = "injected failure (engine tests)";
 const CRASHED: &str = "the process crashed before this call (engine tests)";
 
@@ -971,9 +977,18 @@ impl Rig {
                 Some(item) if !in_tables.contains(&device.minor) => {
                     let kept_for_a_clone = device.read_only
                         && matches!(item, Storage::Image(s) if read_by_clones.contains(s));
+                    let why = match item {
+                        Storage::Image(_) if device.read_only => IMAGE_RELEASE_PENDING,
+                        Storage::Metadata(v)
+                            if volumes.iter().any(|r| r.id == *v && r.hydration.is_none()) =>
+                        {
+                            METADATA_LEFT_AFTER_SWITCH
+                        }
+                        _ => "a stray",
+                    };
                     if !kept_for_a_clone {
                         problems.push(format!(
-                            "{} ({item}, {}) is attached but no table uses it",
+                            "{why}: {} ({item}, {}) is attached but no table uses it",
                             device.device.display(),
                             if device.read_only {
                                 "read-only"
@@ -1020,14 +1035,14 @@ impl Rig {
                     snapshot.name, snapshot.state
                 ));
             }
-            if self.inode(&Storage::Image(snapshot.id.clone())).is_none() {
-                problems.push(format!("snapshot {} has no image", snapshot.name));
-            }
             if (snapshot.hidden || snapshot.deleted) && !read_by_clones.contains(&snapshot.id) {
                 problems.push(format!(
-                    "snapshot {} (hidden {}, deleted {}) is kept with no clone reading it",
+                    "{IMAGE_RELEASE_PENDING}: snapshot {} (hidden {}, deleted {}) is kept with \
+                     no clone reading it",
                     snapshot.name, snapshot.hidden, snapshot.deleted
                 ));
+            } else if self.inode(&Storage::Image(snapshot.id.clone())).is_none() {
+                problems.push(format!("snapshot {} has no image", snapshot.name));
             }
         }
         problems
@@ -1799,11 +1814,17 @@ fn crash_trial(scenario: &Scenario, fault: Fault, retry: Retry, baseline: &str) 
         }
         Retry::BeforeRestart => {
             let retried = (scenario.op)(&rig);
-            problems.extend(
-                rig.audit_metadata()
-                    .into_iter()
-                    .map(|p| format!("after the retry: {p}")),
-            );
+            if retried.is_ok() {
+                // What the process leaves without the help of a restart.
+                // Images are released by the next deletion, switch or
+                // restart; a failed release waits for one of those.
+                problems.extend(
+                    rig.check()
+                        .into_iter()
+                        .filter(|p| !p.contains(IMAGE_RELEASE_PENDING))
+                        .map(|p| format!("after the retry, before a restart: {p}")),
+                );
+            }
             let report = rig.restart();
             if !report.failures.is_empty() {
                 problems.push(format!(
@@ -1914,6 +1935,31 @@ fn op_complete_clone(rig: &Rig) -> DomainResult<String> {
     rig.engine
         .complete_hydration(&vid(CLONE))
         .map(|switched| format!("switched {switched}"))
+}
+
+/// Known gap, kept visible: images are released by `collect_images` after
+/// a deletion, a switch or at start-up, and its failures are only logged.
+/// When the release after a clone's deletion fails, DeleteVolume still
+/// succeeds, so the CO does not retry, and the hidden image (with its
+/// read-only loop) stays until some other deletion, switch or restart.
+#[test]
+#[ignore = "engine gap: a failed image release after a deletion waits for the next deletion, switch or restart"]
+fn a_failed_image_release_after_a_deletion_is_retried() {
+    let release = index_of_step(
+        setup_hydrating_clone,
+        op_delete_clone,
+        "pool.remove image of",
+    );
+    let mut rig = rig();
+    setup_hydrating_clone(&mut rig);
+    rig.faults.arm(Some(Fault::ErrorAt(release)));
+    op_delete_clone(&rig).expect("the deletion itself succeeds");
+    rig.faults.arm(None);
+    let hidden = hidden_snapshot_for(&vid(CLONE)).expect("hidden snapshot ID");
+    assert!(
+        rig.inode(&Storage::Image(hidden)).is_none(),
+        "the hidden image of the deleted clone is still in the pool"
+    );
 }
 
 /// The monitor samples a clone before it asks for the switch: when the

@@ -426,26 +426,28 @@ impl Engine {
         }
         let wanted = capacity.resolve(None)?;
         let node_grow = record.access.fs().is_some();
-        if wanted <= record.capacity_bytes {
-            return Ok((record.capacity_bytes, node_grow && record.needs_fs_grow));
+        if wanted > record.capacity_bytes {
+            let available = self.pool.capacity()?.total_bytes;
+            if wanted > available {
+                return Err(DomainError::out_of_range(format!(
+                    "{wanted} bytes is more than the whole {}",
+                    self.pool.describe()
+                )));
+            }
+            self.pool.grow(&Self::data_of(&record), wanted)?;
+            record.capacity_bytes = wanted;
+            record.needs_fs_grow = node_grow;
+            self.volumes.put(&record)?;
+            info!(bytes = wanted, "volume expanded");
         }
-        let available = self.pool.capacity()?.total_bytes;
-        if wanted > available {
-            return Err(DomainError::out_of_range(format!(
-                "{wanted} bytes is more than the whole {}",
-                self.pool.describe()
-            )));
-        }
-        self.pool.grow(&Self::data_of(&record), wanted)?;
-        record.capacity_bytes = wanted;
-        record.needs_fs_grow = node_grow;
-        self.volumes.put(&record)?;
+        // Also when the size is already recorded: a retry must finish a
+        // call that recorded it but failed before the device followed (or
+        // before a reloaded clone got its hydration switch back).
         if self.ensure_device(&record)? == DeviceOutcome::AlreadySwitched {
             record = self.finish_switch(record)?;
             self.ensure_device(&record)?;
         }
-        info!(bytes = wanted, "volume expanded");
-        Ok((wanted, node_grow))
+        Ok((record.capacity_bytes, node_grow && record.needs_fs_grow))
     }
 }
 
