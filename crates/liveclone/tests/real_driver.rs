@@ -2351,17 +2351,35 @@ echo "$S $D $M" > loops
     let dir = std::env::temp_dir().join("tp");
     let fs = liveclone::os::fs::linux::LinuxFilesystems::new();
     let m2 = dir.join("m2");
-    fs.mount(Path::new("/dev/mapper/lcprobe"), &m2, liveclone::os::fs::FsType::Ext4, &[])
-        .expect("mount");
+    fs.mount(
+        Path::new("/dev/mapper/lcprobe"),
+        &m2,
+        liveclone::os::fs::FsType::Ext4,
+        &[],
+    )
+    .expect("mount");
     let trimmed = fs.trim(&m2);
     say(&format!("PROBE LinuxFilesystems::trim -> {trimmed:?}"));
     say(&try_run("dmsetup", &["status", "--noflush", "lcprobe"]));
     fs.unmount(&m2).expect("unmount");
-    fs.mount(Path::new("/dev/mapper/lcprobe"), &m2, liveclone::os::fs::FsType::Ext4, &[])
-        .expect("mount");
+    fs.mount(
+        Path::new("/dev/mapper/lcprobe"),
+        &m2,
+        liveclone::os::fs::FsType::Ext4,
+        &[],
+    )
+    .expect("mount");
     say(&try_run("fstrim", &["-v", m2.to_str().expect("utf8")]));
     let trimmed = fs.trim(&m2);
-    say(&format!("PROBE LinuxFilesystems::trim again -> {trimmed:?}"));
+    say(&format!(
+        "PROBE LinuxFilesystems::trim again -> {trimmed:?}"
+    ));
     fs.unmount(&m2).expect("unmount");
-    run("bash", &["-c".as_ref(), "cd $TMPDIR/tp; dmsetup remove lcprobe; losetup -d $(cat loops)".as_ref()]);
+    run(
+        "bash",
+        &[
+            "-c".as_ref(),
+            "cd $TMPDIR/tp; dmsetup remove lcprobe; losetup -d $(cat loops)".as_ref(),
+        ],
+    );
 }

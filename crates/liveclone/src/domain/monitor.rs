@@ -79,6 +79,12 @@ pub async fn run(engine: Arc<Engine>, config: MonitorConfig, mut shutdown: watch
         for (id, _) in &hydrating {
             round(&engine, &config, origin, &events, &mut followed, id).await;
         }
+        {
+            // Retries image releases that failed after the call that
+            // freed them had already answered.
+            let engine = Arc::clone(&engine);
+            let _ = tokio::task::spawn_blocking(move || engine.collect_images()).await;
+        }
         tokio::select! {
             _ = tokio::time::sleep(config.poll_interval) => {}
             _ = events.notified() => debug!("monitor: device-mapper event"),

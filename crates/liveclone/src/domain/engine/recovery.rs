@@ -87,6 +87,11 @@ impl Engine {
             self.ensure_device(&switched)?;
             return Ok(());
         }
+        // Metadata only matters while hydrating; a crash right after a
+        // switch was recorded can leave the file behind.
+        if volume.hydration.is_none() {
+            self.pool.remove(&Storage::Metadata(volume.id.clone()))?;
+        }
         // A crash during a cut can leave a mounted file system frozen.
         if let Some(info) = self.os.dm.info(&dm_name(&volume.id))? {
             for mount in self.os.fs.mounts_of(info.major, info.minor)? {

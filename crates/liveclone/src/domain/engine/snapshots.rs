@@ -292,8 +292,9 @@ impl Engine {
 
     /// Releases images nothing needs: removes deleted and hidden ones, and
     /// detaches the loop devices of kept ones. Errors are logged: this runs
-    /// after the caller's work is done and is retried next time.
-    pub(super) fn collect_images(&self) {
+    /// after the caller's work is done, and again on every monitor round,
+    /// so a release that failed is retried within seconds.
+    pub fn collect_images(&self) {
         let snapshots = match self.snapshots.list() {
             Ok(list) => list,
             Err(e) => {
