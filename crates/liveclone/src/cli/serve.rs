@@ -133,6 +133,7 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
         stall_after: seconds(args.stall_after_seconds, "stall-after-seconds")?,
         ..MonitorConfig::default()
     };
+    let _state_lock = lock_state_dir(&args.state_dir)?;
     let engine = Arc::new(build_engine(&args, node_id.clone(), os)?);
     info!(?mode, node = %node_id, pool = %engine.pool().describe(), "starting");
 
@@ -175,6 +176,30 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
     let _ = monitor.await;
     server.await??;
     Ok(())
+}
+
+/// Holds an exclusive lock on the state folder for the life of the
+/// process: two processes driving the same devices and records would undo
+/// each other's work (the per-volume guards are per process).
+fn lock_state_dir(state_dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let path = state_dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            anyhow::anyhow!(
+                "the state folder {} is in use by another liveclone process ({errno}); one \
+             process per state folder: use `standalone` to serve Controller and Node together",
+                state_dir.display()
+            )
+        },
+    )
 }
 
 async fn keep_health(engine: Arc<Engine>, health: Arc<Health>) {
