@@ -146,7 +146,7 @@ async fn clone_of_a_filesystem_volume_is_usable_at_once_and_hydrates_to_linear()
     let at_first_read = csi.hydration_of(&clone.volume_id).await;
     verify_files(&clone_mount.target, &files, &[], "the new clone");
     bench.step(&format!(
-        "the clone reads the source's files {:.1} s after CreateVolume; it was {}",
+        "the clone reads the source's files {:.1} s after the CreateVolume call; it was {}",
         started.elapsed().as_secs_f64(),
         describe(&at_first_read)
     ));

@@ -130,6 +130,11 @@ pub struct VolumeRecord {
     pub needs_fs_grow: bool,
     /// Unix seconds.
     pub created_at: u64,
+    /// Target paths where the volume is published. A bind mount of a
+    /// block device node does not open the device, so the device's open
+    /// count alone cannot tell that a pod still uses a raw block volume.
+    #[serde(default)]
+    pub published: std::collections::BTreeSet<String>,
 }
 
 impl Record for VolumeRecord {

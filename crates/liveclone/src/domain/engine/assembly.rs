@@ -170,10 +170,10 @@ impl Engine {
     /// `--nolockfs` freezes the file system on the device itself (dm's
     /// `lock_fs`, through `freeze_bdev`) and resume thaws it.
     ///
-    /// No FIFREEZE of our own before it: on kernels before 6.8 the
-    /// suspend's `freeze_bdev` then finds the super block already frozen
-    /// and fails with EBUSY (`freeze_super`), so every cut of a mounted
-    /// volume would fail.
+    /// No FIFREEZE of our own before it: on 6.1 (the test VM's kernel; the
+    /// nesting of user and kernel freezes came later) the suspend's
+    /// `freeze_bdev` then finds the super block already frozen, fails with
+    /// EBUSY (`freeze_super`), and every cut of a mounted volume fails.
     pub(super) fn quiesce(&self, record: &VolumeRecord) -> DomainResult<Quiesced<'_>> {
         let name = dm_name(&record.id);
         if self.os.dm.info(&name)?.is_none() {

@@ -182,10 +182,10 @@ impl Engine {
             .allowed_roots
             .check("staging path", &request.staging_path)?;
         let _guard = self.locks.try_acquire([id])?;
-        let record = self.ready_volume(id)?;
+        let mut record = self.ready_volume(id)?;
         if self.os.fs.mount_at(&target)?.is_some() {
             if self.is_mount_of(id, &target)? {
-                return Ok(());
+                return self.remember_publication(record, &request.target_path);
             }
             return Err(DomainError::already_exists(format!(
                 "{} is already a mount of something else",
@@ -228,7 +228,30 @@ impl Engine {
                 .bind_mount(&staging, &target, request.read_only)?;
         }
         info!(path = %target.display(), read_only = request.read_only, "published");
+        record = self.volumes.get(id)?.unwrap_or(record);
+        self.remember_publication(record, &request.target_path)
+    }
+
+    fn remember_publication(&self, mut record: VolumeRecord, target: &str) -> DomainResult<()> {
+        if record.published.insert(target.to_owned()) {
+            self.volumes.put(&record)?;
+        }
         Ok(())
+    }
+
+    /// Publications that are still mounts of the volume; stale entries
+    /// (a reboot dropped the mount) are forgotten.
+    pub(super) fn live_publications(&self, record: &VolumeRecord) -> DomainResult<Vec<String>> {
+        let mut live = Vec::new();
+        for target in &record.published {
+            if self
+                .is_mount_of(&record.id, Path::new(target))
+                .unwrap_or(false)
+            {
+                live.push(target.clone());
+            }
+        }
+        Ok(live)
     }
 
     pub fn unpublish(&self, id: &VolumeId, target_path: &str) -> DomainResult<()> {
@@ -237,8 +260,11 @@ impl Engine {
             .allowed_roots
             .check("target path", target_path)?;
         let _guard = self.locks.try_acquire([id])?;
-        self.require_volume(id)?;
+        let mut record = self.require_volume(id)?;
         self.os.fs.unmount(&target)?;
+        if record.published.remove(target_path) {
+            self.volumes.put(&record)?;
+        }
         match std::fs::symlink_metadata(&target) {
             Ok(meta) if meta.is_dir() => std::fs::remove_dir(&target),
             Ok(_) => std::fs::remove_file(&target),

@@ -219,6 +219,7 @@ impl Engine {
             hydration,
             last_hydration: None,
             created_at: unix_now(),
+            published: Default::default(),
         };
         self.volumes.put(&record)?;
         Ok(record)
@@ -393,6 +394,13 @@ impl Engine {
             }
         }
         if record.state != VolumeState::Deleting {
+            let published = self.live_publications(&record)?;
+            if !published.is_empty() {
+                return Err(DomainError::failed_precondition(format!(
+                    "volume {id} is still published at {}; unpublish it first",
+                    published.join(", ")
+                )));
+            }
             record.state = VolumeState::Deleting;
             self.volumes.put(&record)?;
         }

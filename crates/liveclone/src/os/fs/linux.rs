@@ -53,6 +53,11 @@ pub const LONG_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 
+/// How long an unmount keeps retrying EBUSY before reporting it (see
+/// [`umount_retrying_busy`]), and the pause between attempts.
+const UNMOUNT_BUSY_LIMIT: Duration = Duration::from_secs(2);
+const UNMOUNT_BUSY_PAUSE: Duration = Duration::from_millis(50);
+
 /// The ioctls, declared from their definitions in `linux/fs.h`. Each
 /// request code is checked against the kernel's value in the tests.
 mod ioctls {
@@ -143,8 +148,9 @@ impl LinuxFilesystems {
             )
         });
         let unmounted = match mounted {
-            Ok(()) => nix::mount::umount2(&dir, MntFlags::empty())
-                .map_err(|errno| errno_error("umount", &dir, errno)),
+            Ok(()) => {
+                umount_retrying_busy(&dir).map_err(|errno| errno_error("umount", &dir, errno))
+            }
             Err(error) => Err(error),
         };
         let _ = std::fs::remove_dir(&dir);
@@ -269,9 +275,10 @@ impl Filesystems for LinuxFilesystems {
     }
 
     /// Unmounts the top mount at `target`. EINVAL (not a mount point) and
-    /// ENOENT (no such path) are success; busy is [`OsErrorKind::Busy`].
+    /// ENOENT (no such path) are success; busy (after a short retry, see
+    /// [`umount_retrying_busy`]) is [`OsErrorKind::Busy`].
     fn unmount(&self, target: &Path) -> OsResult<()> {
-        match nix::mount::umount2(target, MntFlags::empty()) {
+        match umount_retrying_busy(target) {
             Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
             Err(errno) => Err(errno_error("umount", target, errno)),
         }
@@ -427,6 +434,27 @@ impl<'a> IfEmpty<'a> for &'a str {
             other
         } else {
             self
+        }
+    }
+}
+
+/// umount2 without flags, retrying EBUSY for up to [`UNMOUNT_BUSY_LIMIT`].
+///
+/// A tool this process starts on another thread (the monitor's dmsetup,
+/// an event waiter) holds a copy of every open descriptor from its fork to
+/// its exec, close-on-exec ones included. A folder of the mount that we
+/// opened and closed just before (FITRIM, FIFREEZE) can so pin the mount
+/// for a moment, and the unmount of a private mount nobody else uses fails
+/// with EBUSY. Under a loaded or emulated CPU that window is long enough
+/// to fail CreateVolume now and then.
+fn umount_retrying_busy(target: &Path) -> Result<(), Errno> {
+    let started = std::time::Instant::now();
+    loop {
+        match nix::mount::umount2(target, MntFlags::empty()) {
+            Err(Errno::EBUSY) if started.elapsed() < UNMOUNT_BUSY_LIMIT => {
+                std::thread::sleep(UNMOUNT_BUSY_PAUSE);
+            }
+            result => return result,
         }
     }
 }
