@@ -531,10 +531,14 @@ async fn guest_driver_power_cut_phase_2() {
         let log = std::fs::read_to_string(guest.log_of(phase)).unwrap_or_default();
         let notable: Vec<&str> = log
             .lines()
-            .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+            .filter(|line| {
+                line.contains("WARN")
+                    || line.contains("ERROR")
+                    || line.contains("recovery finished")
+            })
             .collect();
         say(&format!(
-            "driver log of phase {phase}: {} warnings or errors{}{}",
+            "driver log of phase {phase}: {} warnings, errors or recovery reports{}{}",
             notable.len(),
             if notable.is_empty() { "" } else { ":\n  " },
             notable
@@ -1568,7 +1572,13 @@ fn tail_of(path: &Path, lines: usize) -> String {
     if let Err(e) = File::open(path).and_then(|mut f| f.read_to_string(&mut text)) {
         return format!("(cannot read {}: {e})", path.display());
     }
-    let all: Vec<&str> = text.lines().collect();
+    // A power cut can leave the end of a log as zeros (its size was
+    // written, its data not): drop them.
+    let all: Vec<&str> = text
+        .lines()
+        .map(|line| line.trim_matches('\0'))
+        .filter(|line| !line.is_empty())
+        .collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
