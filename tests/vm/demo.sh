@@ -203,7 +203,7 @@ say "its device: dm-clone over (metadata, destination, source image), with a lin
 dm_table "$CLONE" | indent
 
 step "use the clone at once, while it hydrates"
-check_files "$MNT/clone" "read through the clone while $(phase_of "$CLONE")"
+check_files "$MNT/clone" "read through the clone, which was $(phase_of "$CLONE")"
 echo "written to the clone while it hydrated" > "$MNT/clone/written-during-hydration.txt"
 (cd "$MNT/clone" && sha256sum written-during-hydration.txt > "$WORK/NEWFILE.SUM")
 say "wrote written-during-hydration.txt to the clone"
@@ -212,8 +212,8 @@ status_row "$CLONE" | indent
 step "watch the hydration (liveclone status, every second)"
 status | sed -n 1p | indent
 watch_rows "$CLONE" 3
-say "\$ liveclone hydration tune $CLONE --threshold 16 --batch-size 16"
-"$LIVECLONE" hydration tune "$CLONE" --threshold 16 --batch-size 16 > /dev/null
+say "\$ liveclone hydration tune $CLONE --threshold 64 --batch-size 64"
+"$LIVECLONE" hydration tune "$CLONE" --threshold 64 --batch-size 64 > /dev/null
 start=$EPOCHREALTIME
 watch_rows "$CLONE" complete
 say "complete $(since "$start")s after the tune; the driver switched the device to linear under the mount:"
@@ -238,7 +238,7 @@ RESTORED=$(csi create-volume demo-restored --size 1GiB --from-snapshot "$SNAP");
 mount_volume "$RESTORED" restored
 say "restored into $RESTORED, mounted $(since "$start")s after the request"
 status | indent
-check_files "$MNT/restored" "the restored volume, $(phase_of "$RESTORED")"
+check_files "$MNT/restored" "the restored volume, which was $(phase_of "$RESTORED")"
 check_new_file "$MNT/restored"
 
 step "clean up: unpublish, unstage, delete (hydrating or not), stop the driver"
