@@ -19,6 +19,14 @@ pub async fn connect_unix(endpoint: &str) -> anyhow::Result<Channel> {
             }
         }))
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to {shown}: {e}"))?;
+        .map_err(|e| {
+            // The transport error itself only says "transport error"; its
+            // innermost cause says why (no such file, connection refused).
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            anyhow::anyhow!("connecting to {shown}: {cause}")
+        })?;
     Ok(channel)
 }
