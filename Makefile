@@ -10,13 +10,14 @@
 #   make tools      build the pinned Go test tools, e.g. csi-sanity (cached)
 #   make vm-shell   boot the test VM and run CMD (default: a short report)
 #   make demo-vm    the live-clone story on a real kernel, no cluster needed
+#   make bench      benchmarks in the VM, as ratios to same-run baselines (docs/BENCHMARKS.md)
 
 CARGO ?= cargo
 VMTEST := target/debug/vmtest
 VM_TIMEOUT ?= 3000
 CMD ?= sh -c 'uname -a; dmsetup targets; lsblk'
 
-.PHONY: test test-unit test-vm lint vm-prepare vm-shell build demo-vm tools
+.PHONY: test test-unit test-vm lint vm-prepare vm-shell build demo-vm tools bench
 
 test: lint test-unit test-vm
 
@@ -56,6 +57,12 @@ demo-vm: $(VMTEST)
 	bash tests/vm/prepare.sh
 	$(CARGO) build -p liveclone --bin liveclone --example csi
 	$(VMTEST) run -- bash tests/vm/demo.sh
+
+bench: $(VMTEST)
+	bash tests/vm/prepare.sh
+	$(VMTEST) test --timeout 3000 --memory 2048 \
+		--test-arg=--ignored --test-arg=--nocapture --test-arg=--test-threads=1 \
+		-- -p liveclone --features real-kernel --test bench_driver
 
 vm-shell: $(VMTEST)
 	bash tests/vm/prepare.sh

@@ -1,0 +1,2740 @@
+#![cfg(feature = "real-kernel")]
+//! Benchmarks of `liveclone standalone` on the VM's real kernel (`make
+//! bench`), each printed as a ratio against a baseline measured in the same
+//! run, on the same storage: the VM is software-emulated (TCG) and shares
+//! its host, so absolute figures mean little and drift between runs.
+//! `docs/BENCHMARKS.md` says what each figure means, how it is measured,
+//! its target and the figures of the last run.
+//!
+//! 1. CreateVolume (clone of a volume) + NodeStage + NodePublish of an ext4
+//!    clone, for a 1 GiB and a 64 GiB source holding the same 64 MiB of
+//!    files; baseline: `dd` copying 1 GiB.
+//! 2. Background hydration throughput of a raw block clone of 1 GiB of
+//!    data; baseline: an O_DIRECT `dd` between loop devices over files in
+//!    the same file system as the pool.
+//! 3. Bytes copied by hydration for an ext4 volume 10% full (the rest is
+//!    trimmed before hydration starts).
+//! 4. 4 KiB random read and write IOPS on a clone that still has its
+//!    dm-clone table (regions hydrated, hydration paused), against a linear
+//!    device over its destination, interleaved; again after the switch.
+//! 5. Write latency of a paced O_DIRECT writer while a clone completes and
+//!    switches to linear.
+//!
+//! A figure that misses its target is printed loudly but does not fail the
+//! run; a figure that cannot be measured (an RPC or a tool failed) does.
+//! `LIVECLONE_BENCH_FIGURES=2,4` runs only some figures;
+//! `LIVECLONE_BENCH_SHOW_LOG=1` prints the driver's log at the end (pass
+//! both to the VM with `vmtest test --env`).
+//!
+//! Ignored by default, and named `bench_*` so that `make test-vm` (which
+//! runs `real_*`) never runs it. In the VM as root, or on a host with
+//! dm-clone when `LIVECLONE_TEST_ON_HOST=1`.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context as _};
+use liveclone::grpc::client::connect_unix;
+use liveclone::proto::admin::v1alpha1 as admin;
+use liveclone::proto::admin::v1alpha1::admin_client::AdminClient;
+use liveclone::proto::admin::v1alpha1::set_hydration_request::Action;
+use liveclone::proto::csi::v1 as csi;
+use liveclone::proto::csi::v1::controller_client::ControllerClient;
+use liveclone::proto::csi::v1::identity_client::IdentityClient;
+use liveclone::proto::csi::v1::node_client::NodeClient;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const BLOCK: usize = 4096;
+const BIN: &str = env!("CARGO_BIN_EXE_liveclone");
+const NODE_ID: &str = "bench-node";
+const DM_PREFIX: &str = "liveclone-";
+const START_LIMIT: Duration = Duration::from_secs(90);
+const STOP_LIMIT: Duration = Duration::from_secs(20);
+const LOG_TAIL: usize = 200;
+
+/// Figure 1: the two source sizes, and the data both hold.
+const SMALL_SOURCE: u64 = GIB;
+const LARGE_SOURCE: u64 = 64 * GIB;
+const FIG1_FILES: usize = 16;
+const FILE_BYTES: usize = 4 * MIB as usize;
+/// The pool of figure 1: an ext4 file system in a sparse image, so that a
+/// 64 GiB volume fits (the driver refuses a volume larger than its pool).
+const BIG_POOL_BYTES: u64 = 96 * GIB;
+/// Figure 1's baseline: bytes copied by `dd`.
+const DD_BYTES: u64 = GIB;
+
+/// Figures 2, 4 and 5: the raw block source (all data) and the clones of it.
+const RAW_SOURCE: u64 = GIB;
+/// Figure 2's tuned variant: 64 MiB in flight, 16 MiB batches (4 KiB
+/// regions), against the defaults of 16 MiB and 4 MiB.
+const TUNED_THRESHOLD: u32 = 16384;
+const TUNED_BATCH: u32 = 4096;
+/// How often figure 2 reads the clone's status.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// Figure 3: an ext4 volume and the files it holds (about 10%).
+const FIG3_VOLUME: u64 = GIB;
+const FIG3_FILES: usize = 25;
+
+/// Figure 4: the span the random I/O hits, the length of one measured
+/// slice, and the rounds (each round: read and write on both devices).
+const IOPS_SPAN: u64 = 256 * MIB;
+const IOPS_TURN_OPS: u64 = 64;
+const IOPS_PAIRS: usize = 120;
+const IOPS_PAIRS_AFTER: usize = 60;
+
+/// Figure 5: the pause between two writes of the writer (hydration only
+/// starts copies while no user I/O is in flight, so an unpaced writer at
+/// queue depth 1 starves it).
+const WRITER_PAUSE: Duration = Duration::from_millis(1);
+/// Writes this close to the suspended window count as "around the switch".
+const AROUND_SWITCH: Duration = Duration::from_secs(1);
+
+/// Default tunables of the driver for 4 KiB regions (for the report).
+const DEFAULT_THRESHOLD: u32 = 4096;
+const DEFAULT_BATCH: u32 = 1024;
+
+/// Time limits for waiting on hydration.
+const HYDRATION_LIMIT: Duration = Duration::from_secs(600);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with make bench"]
+async fn bench_driver() {
+    require_real_kernel();
+    let started = Instant::now();
+    let mut report = Report::default();
+    say(&format!(
+        "liveclone benchmarks: kernel {}, {} CPUs, {} MiB RAM, {}",
+        kernel_release(),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        memory_mib(),
+        today()
+    ));
+
+    let wanted = Figures::from_env();
+    // Figure 1 needs a pool larger than 64 GiB: its own driver and pool.
+    if wanted.has(1) {
+        let mut bench = Bench::new("fig1", true);
+        let result = match bench.start_driver().await {
+            Ok(mut csi) => figure_1(&mut bench, &mut csi, &mut report).await,
+            Err(e) => Err(e),
+        };
+        report.outcome("1", result, &bench);
+    }
+
+    // Figures 2 to 5: the pool on the scratch disk's own ext4.
+    if [2, 3, 4, 5].iter().any(|&f| wanted.has(f)) {
+        let mut bench = Bench::new("fig2-5", false);
+        match bench.start_driver().await {
+            Ok(mut csi) => {
+                if wanted.has(3) {
+                    let result = figure_3(&mut bench, &mut csi, &mut report).await;
+                    report.outcome("3", result, &bench);
+                }
+                if wanted.has(2) || wanted.has(4) || wanted.has(5) {
+                    let result =
+                        raw_source_figures(&mut bench, &mut csi, &mut report, &wanted).await;
+                    report.outcome("2, 4, 5 (the raw source)", result, &bench);
+                }
+            }
+            Err(e) => report.outcome("2 to 5 (driver)", Err(e), &bench),
+        }
+    }
+
+    report.print(started.elapsed());
+    assert!(
+        report.errors.is_empty(),
+        "{} figure(s) could not be measured: {:?}",
+        report.errors.len(),
+        report.errors
+    );
+}
+
+/// Which figures to run: `LIVECLONE_BENCH_FIGURES`, e.g. `2,4` (default:
+/// all).
+struct Figures(Option<BTreeSet<u32>>);
+
+impl Figures {
+    fn from_env() -> Self {
+        let Ok(list) = std::env::var("LIVECLONE_BENCH_FIGURES") else {
+            return Self(None);
+        };
+        let figures: BTreeSet<u32> = list
+            .split([',', ' '])
+            .filter(|f| !f.is_empty())
+            .map(|f| {
+                f.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("LIVECLONE_BENCH_FIGURES: {f:?} is not a number"))
+            })
+            .collect();
+        say(&format!(
+            "only figures {figures:?} (LIVECLONE_BENCH_FIGURES)"
+        ));
+        Self(Some(figures))
+    }
+
+    fn has(&self, figure: u32) -> bool {
+        self.0.as_ref().is_none_or(|set| set.contains(&figure))
+    }
+}
+
+/// Figures 2, 4 and 5 share one raw source (a snapshot of 1 GiB of data).
+async fn raw_source_figures(
+    bench: &mut Bench,
+    csi: &mut Csi,
+    report: &mut Report,
+    wanted: &Figures,
+) -> anyhow::Result<()> {
+    let source = RawSource::new(bench, csi).await?;
+    if wanted.has(2) {
+        let result = figure_2(bench, csi, &source, report).await;
+        report.outcome("2", result, bench);
+    }
+    if wanted.has(4) {
+        let result = figure_4(bench, csi, &source, report).await;
+        report.outcome("4", result, bench);
+    }
+    if wanted.has(5) {
+        let result = figure_5(bench, csi, &source, report).await;
+        report.outcome("5", result, bench);
+    }
+    source.remove(csi).await
+}
+
+// ---------------------------------------------------------------------------
+// Figure 1: clone of a volume to a published, mounted clone.
+
+async fn figure_1(bench: &mut Bench, csi: &mut Csi, report: &mut Report) -> anyhow::Result<()> {
+    let big = bench
+        .big_pool
+        .as_ref()
+        .map(|pool| pool.mount_point.clone())
+        .context("figure 1 runs on the big pool")?;
+
+    // Baseline: dd of 1 GiB between two files, on the scratch disk's own
+    // ext4 and in the pool's file system; the faster one is the baseline.
+    let scratch_dd = dd_file_baseline(&bench.root.join("dd-scratch")).await?;
+    let pool_dd = dd_file_baseline(&big.join("dd-pool")).await?;
+    bench.step(&format!(
+        "dd baseline, 1 GiB file to file: scratch ext4 {}, pool ext4 {}",
+        secs(scratch_dd),
+        secs(pool_dd)
+    ));
+    let dd = scratch_dd.min(pool_dd);
+
+    let tool = blocking(tool_start_cost).await?;
+    bench.step(&format!(
+        "one `dmsetup version` process: {} (mean of {TOOL_RUNS})",
+        ms(tool.as_secs_f64())
+    ));
+
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    for (round, size) in [SMALL_SOURCE, LARGE_SOURCE, SMALL_SOURCE]
+        .into_iter()
+        .enumerate()
+    {
+        let timing = clone_to_mount(bench, csi, size, round).await?;
+        if size == SMALL_SOURCE {
+            small.push(timing);
+        } else {
+            large.push(timing);
+        }
+    }
+    let mean = |timings: &[CloneTiming]| -> f64 {
+        timings.iter().map(|t| t.total().as_secs_f64()).sum::<f64>() / timings.len() as f64
+    };
+    let small_s = mean(&small);
+    let large_s = mean(&large);
+    let show = |timings: &[CloneTiming]| -> String {
+        timings
+            .iter()
+            .map(CloneTiming::describe)
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    report.note(format!(
+        "1: dd 1 GiB file to file (bs=4M, iflag=direct, oflag=direct): scratch ext4 {}, in the \
+         pool's ext4 {}; baseline = the faster",
+        secs(scratch_dd),
+        secs(pool_dd)
+    ));
+    report.note(format!("1: 1 GiB source: {}", show(&small)));
+    report.note(format!("1: 64 GiB source: {}", show(&large)));
+    let small_forks = small.iter().map(|t| t.forks).sum::<u64>() / small.len() as u64;
+    report.note(format!(
+        "1: starting one external tool (`dmsetup version`, mean of {TOOL_RUNS}) takes {} in \
+         this VM: the 1 GiB clone-to-mounted time is {:.0} such starts, and about {} \
+         processes were forked during it (/proc/stat; the driver runs dmsetup, losetup, \
+         blkid, mount, and its monitor polls)",
+        ms(tool.as_secs_f64()),
+        small_s / tool.as_secs_f64(),
+        small_forks
+    ));
+    report.row(Row::at_most(
+        "1a clone to mounted, 64 GiB vs 1 GiB source",
+        format!("{large_s:.2} s"),
+        format!("{small_s:.2} s (1 GiB)"),
+        large_s / small_s,
+        1.2,
+    ));
+    report.row(Row::at_least(
+        "1b clone to mounted (1 GiB) vs dd copy of 1 GiB",
+        format!("{small_s:.2} s"),
+        format!("{:.2} s (dd)", dd.as_secs_f64()),
+        dd.as_secs_f64() / small_s,
+        10.0,
+        "x faster",
+    ));
+    report.row(Row::info(
+        "1c one tool process start (dmsetup version)",
+        ms(tool.as_secs_f64()),
+        format!("{small_s:.2} s (1 GiB clone to mounted)"),
+        Some(small_s / tool.as_secs_f64()),
+    ));
+    Ok(())
+}
+
+/// How many times figure 1 starts `dmsetup version` to price a tool run.
+const TOOL_RUNS: u32 = 10;
+
+/// Mean wall time of starting and reaping `dmsetup version`: what every
+/// external tool run of the driver costs at least in this VM.
+fn tool_start_cost() -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    for _ in 0..TOOL_RUNS {
+        run("dmsetup", &["version".as_ref()])?;
+    }
+    Ok(started.elapsed() / TOOL_RUNS)
+}
+
+/// `processes` from /proc/stat: forks since boot.
+fn forks_since_boot() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    stat.lines()
+        .find_map(|line| line.strip_prefix("processes "))
+        .and_then(|n| n.trim().parse().ok())
+        .context("no processes line in /proc/stat")
+}
+
+#[derive(Debug, Clone)]
+struct CloneTiming {
+    source_bytes: u64,
+    create: Duration,
+    stage: Duration,
+    publish: Duration,
+    source_mkfs: Duration,
+    /// Processes and threads the whole VM created during the timed part
+    /// (`processes` in /proc/stat): mostly the driver's tool runs.
+    forks: u64,
+}
+
+impl CloneTiming {
+    fn total(&self) -> Duration {
+        self.create + self.stage + self.publish
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} GiB: {} (CreateVolume {}, NodeStage {}, NodePublish {}; {} forks meanwhile; \
+             the source's own NodeStage with mkfs took {})",
+            self.source_bytes / GIB,
+            secs(self.total()),
+            secs(self.create),
+            secs(self.stage),
+            secs(self.publish),
+            self.forks,
+            secs(self.source_mkfs)
+        )
+    }
+}
+
+async fn clone_to_mount(
+    bench: &mut Bench,
+    csi: &mut Csi,
+    size: u64,
+    round: usize,
+) -> anyhow::Result<CloneTiming> {
+    let tag = format!("f1-{}g-{round}", size / GIB);
+    let source = csi
+        .create_volume(
+            &bench.name(&format!("{tag}-src")),
+            size,
+            Access::Ext4,
+            None,
+            &[],
+        )
+        .await?;
+    let mkfs_started = Instant::now();
+    let source_mount = bench
+        .stage_publish(csi, &source.volume_id, Access::Ext4, &format!("{tag}-src"))
+        .await?;
+    let source_mkfs = mkfs_started.elapsed();
+    let seed = 100 + round as u64;
+    let target = source_mount.target.clone();
+    blocking(move || write_files(&target, FIG1_FILES, seed)).await?;
+    bench.step(&format!(
+        "{tag}: source {} ({} GiB) staged in {} (mkfs included), {} MiB of files written",
+        source.volume_id,
+        size / GIB,
+        secs(source_mkfs),
+        FIG1_FILES * FILE_BYTES / MIB as usize
+    ));
+
+    // The timed part: what a CO does for a pod that uses a new clone.
+    let forks_before = forks_since_boot()?;
+    let started = Instant::now();
+    let clone = csi
+        .create_volume(
+            &bench.name(&format!("{tag}-clone")),
+            size,
+            Access::Ext4,
+            Some(Source::Volume(&source.volume_id)),
+            &[],
+        )
+        .await?;
+    let create = started.elapsed();
+    let (clone_mount, stage, publish) = bench
+        .stage_publish_timed(csi, &clone.volume_id, Access::Ext4, &format!("{tag}-clone"))
+        .await?;
+    let forks = forks_since_boot()? - forks_before;
+    let timing = CloneTiming {
+        source_bytes: size,
+        create,
+        stage,
+        publish,
+        source_mkfs,
+        forks,
+    };
+    bench.step(&format!("{tag}: {}", timing.describe()));
+
+    // Not timed: the clone holds the source's files.
+    let target = clone_mount.target.clone();
+    blocking(move || verify_file(&target, FIG1_FILES - 1, seed)).await?;
+    let hydration = csi.hydration_of(&clone.volume_id).await?;
+    bench.step(&format!(
+        "{tag}: the clone reads the source's files; {}",
+        describe(&hydration)
+    ));
+
+    bench.unpublish_unstage(csi, &clone_mount).await?;
+    csi.delete_volume(&clone.volume_id).await?;
+    bench.unpublish_unstage(csi, &source_mount).await?;
+    csi.delete_volume(&source.volume_id).await?;
+    Ok(timing)
+}
+
+/// dd of 1 GiB from a file filled with data to a new file, both in `dir`.
+async fn dd_file_baseline(dir: &Path) -> anyhow::Result<Duration> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let src = dir.join("src.img");
+    let dst = dir.join("dst.img");
+    let (s, d) = (src.clone(), dst.clone());
+    let took = blocking(move || {
+        fill_direct(&s, 0, DD_BYTES, 7, true)?;
+        let _ = std::fs::remove_file(&d);
+        drop_caches();
+        dd_copy(&s, &d, DD_BYTES, DD_BLOCK)
+    })
+    .await?;
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(took)
+}
+
+// ---------------------------------------------------------------------------
+// The raw block source of figures 2, 4 and 5: 1 GiB of data, cut into a
+// snapshot. The source volume is deleted after the cut: on an ext4 pool the
+// cut is a redirect, so the source would copy itself back in the background
+// and compete with the clones being measured.
+
+struct RawSource {
+    snapshot_id: String,
+}
+
+impl RawSource {
+    async fn new(bench: &mut Bench, csi: &mut Csi) -> anyhow::Result<Self> {
+        let volume = csi
+            .create_volume(&bench.name("raw-src"), RAW_SOURCE, Access::Block, None, &[])
+            .await?;
+        let mounted = bench
+            .stage_publish(csi, &volume.volume_id, Access::Block, "raw-src")
+            .await?;
+        let target = mounted.target.clone();
+        let started = Instant::now();
+        blocking(move || fill_direct(&target, 0, RAW_SOURCE, 42, false)).await?;
+        bench.step(&format!(
+            "raw source {} filled with {} MiB of data in {}",
+            volume.volume_id,
+            RAW_SOURCE / MIB,
+            secs(started.elapsed())
+        ));
+        let snapshot = csi
+            .create_snapshot(&bench.name("raw-snap"), &volume.volume_id)
+            .await?;
+        bench.unpublish_unstage(csi, &mounted).await?;
+        csi.delete_volume(&volume.volume_id).await?;
+        bench.step(&format!(
+            "snapshot {} cut; source volume deleted",
+            snapshot.snapshot_id
+        ));
+        Ok(Self {
+            snapshot_id: snapshot.snapshot_id,
+        })
+    }
+
+    async fn remove(&self, csi: &mut Csi) -> anyhow::Result<()> {
+        csi.delete_snapshot(&self.snapshot_id).await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Figure 2: background hydration throughput.
+
+async fn figure_2(
+    bench: &mut Bench,
+    csi: &mut Csi,
+    source: &RawSource,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let dir = bench.root.join("baseline");
+    std::fs::create_dir_all(&dir)?;
+    let src_file = dir.join("src.img");
+    {
+        let s = src_file.clone();
+        blocking(move || fill_direct(&s, 0, RAW_SOURCE, 43, true)).await?;
+    }
+    let tuned_threshold = TUNED_THRESHOLD.to_string();
+    let tuned_batch = TUNED_BATCH.to_string();
+    let variants: [(&str, String, Parameters); 3] = [
+        (
+            "defaults",
+            format!("4 KiB regions, threshold {DEFAULT_THRESHOLD}, batch {DEFAULT_BATCH}"),
+            vec![],
+        ),
+        (
+            "larger threshold and batch",
+            format!("4 KiB regions, threshold {TUNED_THRESHOLD}, batch {TUNED_BATCH}"),
+            vec![
+                ("liveclone.io/hydrationThreshold", &tuned_threshold),
+                ("liveclone.io/hydrationBatchSize", &tuned_batch),
+            ],
+        ),
+        (
+            "64 KiB regions",
+            "64 KiB regions (liveclone.io/regionSize), default tunables for them".to_owned(),
+            vec![("liveclone.io/regionSize", "64KiB")],
+        ),
+    ];
+    // dd runs before, between and after the hydrations: each hydration is
+    // compared with the mean of the two dd runs around it, since the
+    // host's speed drifts over a run.
+    let mut dd = vec![loop_dd_baseline(&dir, &src_file, RAW_SOURCE, DD_BLOCK).await?];
+    bench.step(&format!(
+        "baseline: dd between loop devices, {} MiB in {} ({})",
+        RAW_SOURCE / MIB,
+        secs(dd[0]),
+        rate(RAW_SOURCE, dd[0])
+    ));
+    let mut traces = Vec::new();
+    for (label, _, parameters) in &variants {
+        traces.push(hydrate_and_follow(bench, csi, source, label, parameters).await?);
+        let again = loop_dd_baseline(&dir, &src_file, RAW_SOURCE, DD_BLOCK).await?;
+        bench.step(&format!(
+            "baseline again: {} ({})",
+            secs(again),
+            rate(RAW_SOURCE, again)
+        ));
+        dd.push(again);
+    }
+    let small = loop_dd_baseline(&dir, &src_file, RAW_SOURCE, KCOPYD_BLOCK).await?;
+    std::fs::remove_dir_all(&dir)?;
+    bench.step(&format!(
+        "baseline with bs={KCOPYD_BLOCK}: {} ({})",
+        secs(small),
+        rate(RAW_SOURCE, small)
+    ));
+    let around = |i: usize| 2.0 * RAW_SOURCE as f64 / (dd[i] + dd[i + 1]).as_secs_f64();
+    let small_rate = RAW_SOURCE as f64 / small.as_secs_f64();
+    report.note(format!(
+        "2: dd between loop devices (direct I/O, bs={DD_BLOCK}, iflag=direct, oflag=direct), \
+         {} MiB, before, between and after the hydrations: {}; each hydration's baseline is \
+         the mean rate of the dd runs just before and after it. The same dd with \
+         bs={KCOPYD_BLOCK}, the size of the pieces kcopyd copies in (dm-mod's \
+         kcopyd_subjob_size_kb), after them: {} ({}/s)",
+        RAW_SOURCE / MIB,
+        dd.iter().map(|d| secs(*d)).collect::<Vec<_>>().join(", "),
+        secs(small),
+        human_bytes(small_rate)
+    ));
+    let letters = ['a', 'b', 'c'];
+    for (i, ((label, tunables, _), trace)) in variants.iter().zip(&traces).enumerate() {
+        report.note(format!("2: {label} ({tunables}): {}", trace.describe()));
+        let figure = format!("2{} hydration rate, middle 80%, {label}", letters[i]);
+        let value = format!("{}/s", human_bytes(trace.middle_rate));
+        let baseline = format!("{}/s (dd)", human_bytes(around(i)));
+        let ratio = trace.middle_rate / around(i);
+        report.row(if i == 0 {
+            Row::at_least(&figure, value, baseline, ratio, 0.9, "")
+        } else {
+            Row::info(&figure, value, baseline, Some(ratio))
+        });
+    }
+    let defaults = &traces[0];
+    report.row(Row::info(
+        "2d hydration, enable to all copied, defaults",
+        format!(
+            "{} ({}/s)",
+            secs(defaults.to_full),
+            human_bytes(defaults.total_bytes as f64 / defaults.to_full.as_secs_f64())
+        ),
+        format!("{} (dd)", secs_f(RAW_SOURCE as f64 / around(0))),
+        Some(RAW_SOURCE as f64 / around(0) / defaults.to_full.as_secs_f64()),
+    ));
+    report.row(Row::info(
+        &format!("2e hydration rate, defaults, vs dd bs={KCOPYD_BLOCK}"),
+        format!("{}/s", human_bytes(defaults.middle_rate)),
+        format!("{}/s (dd bs={KCOPYD_BLOCK})", human_bytes(small_rate)),
+        Some(defaults.middle_rate / small_rate),
+    ));
+    Ok(())
+}
+
+/// dd's block size for the baselines, and kcopyd's sub-job size.
+const DD_BLOCK: &str = "4M";
+const KCOPYD_BLOCK: &str = "512K";
+
+/// StorageClass parameters of a CreateVolume.
+type Parameters<'a> = Vec<(&'a str, &'a str)>;
+
+/// What figure 2 records of one clone's hydration.
+struct HydrationTrace {
+    total_bytes: u64,
+    /// From CreateVolume's return (hydration enabled) to every region
+    /// hydrated.
+    to_full: Duration,
+    /// To the admin API's phase `Complete` (switched to linear).
+    to_complete: Duration,
+    /// Bytes per second between 10% and 90% hydrated.
+    middle_rate: f64,
+    samples: usize,
+    at_enable: u64,
+}
+
+impl HydrationTrace {
+    fn describe(&self) -> String {
+        format!(
+            "{} MiB; {} MiB already hydrated at the first reading; all copied {} after \
+             CreateVolume returned, Complete (linear) after {}; {}/s between 10% and 90% \
+             ({} status readings)",
+            self.total_bytes / MIB,
+            self.at_enable / MIB,
+            secs(self.to_full),
+            secs(self.to_complete),
+            human_bytes(self.middle_rate),
+            self.samples
+        )
+    }
+}
+
+async fn hydrate_and_follow(
+    bench: &mut Bench,
+    csi: &mut Csi,
+    source: &RawSource,
+    label: &str,
+    parameters: &[(&str, &str)],
+) -> anyhow::Result<HydrationTrace> {
+    // As before each dd run: nothing dirty left to write back meanwhile.
+    blocking(|| {
+        drop_caches();
+        Ok(())
+    })
+    .await?;
+    let clone = csi
+        .create_volume(
+            &bench.name(&format!("f2-{label}")),
+            RAW_SOURCE,
+            Access::Block,
+            Some(Source::Snapshot(&source.snapshot_id)),
+            parameters,
+        )
+        .await?;
+    let enabled = Instant::now();
+    let name = format!("{DM_PREFIX}{}", clone.volume_id);
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let mut region_bytes = 0;
+    let mut total_regions = 0;
+    let mut to_full = None;
+    let to_complete;
+    let mut last_phase_check = Instant::now();
+    loop {
+        let before = enabled.elapsed().as_secs_f64();
+        let status = {
+            let name = name.clone();
+            blocking(move || clone_status(&name)).await?
+        };
+        let after = enabled.elapsed().as_secs_f64();
+        match status {
+            Some(status) => {
+                region_bytes = status.region_sectors * 512;
+                total_regions = status.total;
+                samples.push(((before + after) / 2.0, status.hydrated));
+                if status.hydrated == status.total && to_full.is_none() {
+                    to_full = Some(Duration::from_secs_f64(after));
+                }
+            }
+            None => {
+                // Already linear: everything was copied by now.
+                if to_full.is_none() {
+                    to_full = Some(Duration::from_secs_f64(after));
+                }
+            }
+        }
+        if to_full.is_some() || last_phase_check.elapsed() >= Duration::from_secs(2) {
+            last_phase_check = Instant::now();
+            let hydration = csi.hydration_of(&clone.volume_id).await?;
+            ensure!(
+                hydration.phase != "Failed",
+                "hydration of {} failed: {}",
+                clone.volume_id,
+                describe(&hydration)
+            );
+            if hydration.phase == "Complete" {
+                to_complete = enabled.elapsed();
+                break;
+            }
+        }
+        ensure!(
+            enabled.elapsed() < HYDRATION_LIMIT,
+            "hydration of {} did not complete within {HYDRATION_LIMIT:?}",
+            clone.volume_id
+        );
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+    let to_full = to_full.unwrap_or(to_complete);
+    ensure!(
+        total_regions > 0,
+        "no status reading of {} showed a clone target",
+        clone.volume_id
+    );
+    let total = total_regions as f64;
+    let t10 = crossing(&samples, 0.1 * total);
+    let t90 = crossing(&samples, 0.9 * total);
+    let middle_rate = match (t10, t90) {
+        (Some(a), Some(b)) if b > a => 0.8 * total * region_bytes as f64 / (b - a),
+        _ => bail!(
+            "too few status readings of {} to place 10% and 90% ({} readings)",
+            clone.volume_id,
+            samples.len()
+        ),
+    };
+    let trace = HydrationTrace {
+        total_bytes: total_regions * region_bytes,
+        to_full,
+        to_complete,
+        middle_rate,
+        samples: samples.len(),
+        at_enable: samples.first().map_or(0, |s| s.1) * region_bytes,
+    };
+    bench.step(&format!("f2 {label}: {}", trace.describe()));
+    csi.delete_volume(&clone.volume_id).await?;
+    Ok(trace)
+}
+
+/// When `samples` (time, hydrated regions) first reached `level`, linearly
+/// interpolated between the two readings around it.
+fn crossing(samples: &[(f64, u64)], level: f64) -> Option<f64> {
+    let mut previous: Option<(f64, u64)> = None;
+    for &(t, h) in samples {
+        if h as f64 >= level {
+            return Some(match previous {
+                Some((t0, h0)) if (h as f64) > h0 as f64 => {
+                    t0 + (t - t0) * (level - h0 as f64) / (h as f64 - h0 as f64)
+                }
+                _ => t,
+            });
+        }
+        previous = Some((t, h));
+    }
+    None
+}
+
+/// dd from a loop device over `src_file` (read-only) to one over a new
+/// sparse file, both with direct I/O, as the pool attaches them.
+async fn loop_dd_baseline(
+    dir: &Path,
+    src_file: &Path,
+    bytes: u64,
+    block: &'static str,
+) -> anyhow::Result<Duration> {
+    let dst_file = dir.join("dst.img");
+    let (src, dst) = (src_file.to_owned(), dst_file.clone());
+    blocking(move || {
+        let _ = std::fs::remove_file(&dst);
+        File::create(&dst)
+            .and_then(|f| f.set_len(bytes))
+            .with_context(|| format!("creating {}", dst.display()))?;
+        let src_loop = LoopDevice::attach(&src, true)?;
+        let dst_loop = LoopDevice::attach(&dst, false)?;
+        drop_caches();
+        let took = dd_copy(&src_loop.path, &dst_loop.path, bytes, block);
+        drop(dst_loop);
+        drop(src_loop);
+        let _ = std::fs::remove_file(&dst);
+        took
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------
+// Figure 3: bytes copied for a file system 10% full.
+
+async fn figure_3(bench: &mut Bench, csi: &mut Csi, report: &mut Report) -> anyhow::Result<()> {
+    let source = csi
+        .create_volume(&bench.name("f3-src"), FIG3_VOLUME, Access::Ext4, None, &[])
+        .await?;
+    let mounted = bench
+        .stage_publish(csi, &source.volume_id, Access::Ext4, "f3-src")
+        .await?;
+    let target = mounted.target.clone();
+    blocking(move || write_files(&target, FIG3_FILES, 300)).await?;
+    let (fs_size, fs_used) = fs_usage(&mounted.target)?;
+    bench.step(&format!(
+        "f3: source {} holds {} MiB of files; its ext4 uses {} of {}",
+        source.volume_id,
+        FIG3_FILES * FILE_BYTES / MIB as usize,
+        human_bytes(fs_used as f64),
+        human_bytes(fs_size as f64)
+    ));
+
+    // One region at a time until paused, so that hardly anything is
+    // copied between CreateVolume's return and the pause.
+    let clone = csi
+        .create_volume(
+            &bench.name("f3-clone"),
+            FIG3_VOLUME,
+            Access::Ext4,
+            Some(Source::Volume(&source.volume_id)),
+            &[
+                ("liveclone.io/hydrationThreshold", "1"),
+                ("liveclone.io/hydrationBatchSize", "1"),
+            ],
+        )
+        .await?;
+    csi.set_hydration(&clone.volume_id, Action::Pause, None, None)
+        .await?;
+    let name = format!("{DM_PREFIX}{}", clone.volume_id);
+    let at_pause = {
+        let name = name.clone();
+        blocking(move || clone_status(&name))
+            .await?
+            .context("the new clone has no clone target")?
+    };
+    let region = at_pause.region_sectors * 512;
+    let total_bytes = at_pause.total * region;
+    let trimmed_bytes = at_pause.hydrated * region;
+    bench.step(&format!(
+        "f3: clone {} paused right after CreateVolume: {} of {} hydrated (trimmed), region {} KiB",
+        clone.volume_id,
+        human_bytes(trimmed_bytes as f64),
+        human_bytes(total_bytes as f64),
+        region / KIB
+    ));
+    // The source would copy itself back (redirect cut) meanwhile: not
+    // measured, so removed.
+    bench.unpublish_unstage(csi, &mounted).await?;
+    csi.delete_volume(&source.volume_id).await?;
+
+    let started = Instant::now();
+    csi.set_hydration(
+        &clone.volume_id,
+        Action::Tune,
+        Some(DEFAULT_THRESHOLD),
+        Some(DEFAULT_BATCH),
+    )
+    .await?;
+    csi.set_hydration(&clone.volume_id, Action::Resume, None, None)
+        .await?;
+    let done = csi.wait_complete(&clone.volume_id, HYDRATION_LIMIT).await?;
+    let copied = total_bytes - trimmed_bytes;
+    let allocated = data_file_allocated(&bench.pool, &clone.volume_id)?;
+    bench.step(&format!(
+        "f3: complete {} after resume ({}); the destination file has {} allocated",
+        secs(started.elapsed()),
+        describe(&done),
+        human_bytes(allocated as f64)
+    ));
+    csi.delete_volume(&clone.volume_id).await?;
+
+    report.note(format!(
+        "3: {} ext4 volume with {} MiB of files; its file system reports {} used (files, \
+         journal, inode tables, bitmaps); the clone had {} of {} hydrated right after \
+         CreateVolume (trimmed, hydration paused at once with threshold 1), so {} were copied; \
+         the destination file has {} allocated after completion (copies plus what the trim \
+         mount wrote)",
+        human_bytes(FIG3_VOLUME as f64),
+        FIG3_FILES * FILE_BYTES / MIB as usize,
+        human_bytes(fs_used as f64),
+        human_bytes(trimmed_bytes as f64),
+        human_bytes(total_bytes as f64),
+        human_bytes(copied as f64),
+        human_bytes(allocated as f64)
+    ));
+    report.row(Row::at_most(
+        "3a bytes copied / volume size, ext4 10% full",
+        human_bytes(copied as f64),
+        human_bytes(total_bytes as f64),
+        copied as f64 / total_bytes as f64,
+        0.15,
+    ));
+    report.row(Row::info(
+        "3b bytes copied / file system used",
+        human_bytes(copied as f64),
+        format!("{} used", human_bytes(fs_used as f64)),
+        Some(copied as f64 / fs_used as f64),
+    ));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Figure 4: random 4 KiB IOPS on a clone before its switch, vs linear.
+
+async fn figure_4(
+    bench: &mut Bench,
+    csi: &mut Csi,
+    source: &RawSource,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let clone = csi
+        .create_volume(
+            &bench.name("f4-clone"),
+            RAW_SOURCE,
+            Access::Block,
+            Some(Source::Snapshot(&source.snapshot_id)),
+            &[],
+        )
+        .await?;
+    csi.set_hydration(&clone.volume_id, Action::Pause, None, None)
+        .await?;
+    let clone_mount = bench
+        .stage_publish(csi, &clone.volume_id, Access::Block, "f4-clone")
+        .await?;
+    let name = format!("{DM_PREFIX}{}", clone.volume_id);
+
+    // Whole-region writes hydrate regions without copying: after this the
+    // span is hydrated, so the clone target maps it to the destination.
+    let target = clone_mount.target.clone();
+    let started = Instant::now();
+    blocking(move || fill_direct(&target, 0, IOPS_SPAN, 77, false)).await?;
+    let status = {
+        let name = name.clone();
+        blocking(move || clone_status(&name)).await?
+    }
+    .context("the paused clone was switched to linear before the measurement")?;
+    ensure!(
+        status.hydrated < status.total,
+        "the paused clone is fully hydrated: it could switch during the measurement"
+    );
+    // The baseline: a linear device of our own over the clone's destination
+    // (its data file's loop device), so both read and write the very same
+    // blocks through the same loop device, the clone target or not.
+    let destination = data_loop_of(&bench.pool, &clone.volume_id)?;
+    let linear = LinearOver::create(
+        &format!("lcbench-{}-dest", std::process::id()),
+        &destination,
+        RAW_SOURCE,
+    )?;
+    bench.step(&format!(
+        "f4: clone {} paused with {} of {} regions hydrated (the first {} MiB written in {}); \
+         {} is linear over its destination {}",
+        clone.volume_id,
+        status.hydrated,
+        status.total,
+        IOPS_SPAN / MIB,
+        secs(started.elapsed()),
+        linear.path.display(),
+        destination.display()
+    ));
+
+    let before = {
+        let (c, p) = (clone_mount.target.clone(), linear.path.clone());
+        blocking(move || interleaved_iops(&c, &p, IOPS_PAIRS)).await?
+    };
+    bench.step(&format!("f4: before the switch: {}", before.describe()));
+
+    // Now let it finish and switch: the same comparison is a control.
+    let started = Instant::now();
+    csi.set_hydration(&clone.volume_id, Action::Resume, None, None)
+        .await?;
+    csi.wait_complete(&clone.volume_id, HYDRATION_LIMIT).await?;
+    let table = dm_table(&name)?;
+    ensure!(
+        table.split_whitespace().nth(2) == Some("linear"),
+        "{name} is not linear after Complete: {table}"
+    );
+    bench.step(&format!(
+        "f4: clone complete and linear {} after resume",
+        secs(started.elapsed())
+    ));
+    let after = {
+        let (c, p) = (clone_mount.target.clone(), linear.path.clone());
+        blocking(move || interleaved_iops(&c, &p, IOPS_PAIRS_AFTER)).await?
+    };
+    bench.step(&format!("f4: after the switch: {}", after.describe()));
+
+    drop(linear);
+    bench.unpublish_unstage(csi, &clone_mount).await?;
+    csi.delete_volume(&clone.volume_id).await?;
+
+    report.note(format!(
+        "4: queue depth 1, 4 KiB O_DIRECT at random offsets in the first {} MiB (hydrated), \
+         in turns of {} operations on the clone and on a linear device over its destination \
+         (which goes first alternates); ratio = median of the per-pair ratios [quartiles]; \
+         before the switch, hydration paused ({} pairs of turns): {}; after the switch ({} \
+         pairs; a control, both linear over the same loop device): {}",
+        IOPS_SPAN / MIB,
+        IOPS_TURN_OPS,
+        IOPS_PAIRS,
+        before.describe(),
+        IOPS_PAIRS_AFTER,
+        after.describe()
+    ));
+    report.row(Row::at_least(
+        "4a 4 KiB random read IOPS, clone table vs linear",
+        format!("{:.0}", before.clone_read),
+        format!("{:.0} (linear)", before.linear_read),
+        before.read_ratio.median,
+        0.9,
+        "",
+    ));
+    report.row(Row::at_least(
+        "4b 4 KiB random write IOPS, clone table vs linear",
+        format!("{:.0}", before.clone_write),
+        format!("{:.0} (linear)", before.linear_write),
+        before.write_ratio.median,
+        0.9,
+        "",
+    ));
+    report.row(Row::info(
+        "4c read IOPS after the switch vs linear (control)",
+        format!("{:.0}", after.clone_read),
+        format!("{:.0} (linear)", after.linear_read),
+        Some(after.read_ratio.median),
+    ));
+    report.row(Row::info(
+        "4d write IOPS after the switch vs linear (control)",
+        format!("{:.0}", after.clone_write),
+        format!("{:.0} (linear)", after.linear_write),
+        Some(after.write_ratio.median),
+    ));
+    Ok(())
+}
+
+/// A device-mapper linear device of the benchmark's own over a block
+/// device (not named `liveclone-`, so the driver ignores it); removed when
+/// dropped.
+struct LinearOver {
+    name: String,
+    path: PathBuf,
+}
+
+impl LinearOver {
+    fn create(name: &str, device: &Path, bytes: u64) -> anyhow::Result<Self> {
+        let table = format!("0 {} linear {} 0", bytes / 512, device.display());
+        run(
+            "dmsetup",
+            &[
+                "create".as_ref(),
+                name.as_ref(),
+                "--table".as_ref(),
+                table.as_ref(),
+            ],
+        )?;
+        Ok(Self {
+            name: name.to_owned(),
+            path: Path::new("/dev/mapper").join(name),
+        })
+    }
+}
+
+impl Drop for LinearOver {
+    fn drop(&mut self) {
+        let removed = Command::new("dmsetup")
+            .args(["remove", "--retry", &self.name])
+            .output();
+        if !removed.is_ok_and(|o| o.status.success()) {
+            say(&format!("cleanup: could not remove {}", self.name));
+        }
+    }
+}
+
+/// The loop device over a volume's data file in the pool.
+fn data_loop_of(pool: &Path, volume_id: &str) -> anyhow::Result<PathBuf> {
+    let prefix = pool.join("volumes").join(format!("{volume_id}."));
+    let prefix = prefix.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/sys/block")?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            continue;
+        };
+        if backing.trim().starts_with(&prefix) {
+            found.push(PathBuf::from(format!("/dev/{name}")));
+        }
+    }
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!("expected one loop device over the data of {volume_id}, found {found:?}"),
+    }
+}
+
+/// Median and quartiles of a set of ratios.
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    q1: f64,
+    median: f64,
+    q3: f64,
+}
+
+impl Spread {
+    fn of(mut values: Vec<f64>) -> Self {
+        values.sort_by(f64::total_cmp);
+        Self {
+            q1: percentile(&values, 0.25),
+            median: percentile(&values, 0.5),
+            q3: percentile(&values, 0.75),
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.3} [{:.3}, {:.3}]", self.median, self.q1, self.q3)
+    }
+}
+
+struct Iops {
+    clone_read: f64,
+    linear_read: f64,
+    clone_write: f64,
+    linear_write: f64,
+    read_ratio: Spread,
+    write_ratio: Spread,
+}
+
+impl Iops {
+    fn describe(&self) -> String {
+        format!(
+            "read clone {:.0} / linear {:.0} IOPS, ratio {}; write clone {:.0} / linear {:.0} \
+             IOPS, ratio {}",
+            self.clone_read,
+            self.linear_read,
+            self.read_ratio,
+            self.clone_write,
+            self.linear_write,
+            self.write_ratio
+        )
+    }
+}
+
+/// Random reads, then random writes, on both devices in turns of
+/// [`IOPS_TURN_OPS`] operations, the first device alternating from pair to
+/// pair: the host's speed drifts a lot under TCG (other VMs share it), and
+/// turns of a few tens of milliseconds put both devices under nearly the
+/// same conditions. A ratio per pair of turns, whose median is kept,
+/// discards the pairs a host hiccup hit.
+fn interleaved_iops(clone: &Path, linear: &Path, pairs: usize) -> anyhow::Result<Iops> {
+    let clone_file = open_direct(clone, true)?;
+    let linear_file = open_direct(linear, true)?;
+    let mut rng = Rng::new(0x5eed);
+    let mut buffer = Aligned::new(BLOCK);
+    buffer.as_mut_slice().fill(0xA5);
+    // [clone read, linear read, clone write, linear write]: seconds
+    let mut totals = [0.0f64; 4];
+    let mut read_ratios = Vec::new();
+    let mut write_ratios = Vec::new();
+    for write in [false, true] {
+        let (c, l) = if write { (2, 3) } else { (0, 1) };
+        for pair in 0..pairs {
+            let turns = if pair % 2 == 0 {
+                [(c, &clone_file), (l, &linear_file)]
+            } else {
+                [(l, &linear_file), (c, &clone_file)]
+            };
+            let mut took = [0.0f64; 4];
+            for (slot, file) in turns {
+                took[slot] = random_io(file, write, &mut rng, &mut buffer)?;
+                totals[slot] += took[slot];
+            }
+            // Same number of operations on both: the IOPS ratio is the
+            // inverse ratio of the times.
+            let ratios = if write {
+                &mut write_ratios
+            } else {
+                &mut read_ratios
+            };
+            ratios.push(took[l] / took[c]);
+        }
+    }
+    let ops = (pairs as u64 * IOPS_TURN_OPS) as f64;
+    Ok(Iops {
+        clone_read: ops / totals[0],
+        linear_read: ops / totals[1],
+        clone_write: ops / totals[2],
+        linear_write: ops / totals[3],
+        read_ratio: Spread::of(read_ratios),
+        write_ratio: Spread::of(write_ratios),
+    })
+}
+
+/// Queue depth 1: [`IOPS_TURN_OPS`] 4 KiB O_DIRECT reads or writes at
+/// random aligned offsets in the first [`IOPS_SPAN`] bytes. Returns the
+/// seconds they took.
+fn random_io(file: &File, write: bool, rng: &mut Rng, buffer: &mut Aligned) -> anyhow::Result<f64> {
+    let blocks = IOPS_SPAN / BLOCK as u64;
+    let started = Instant::now();
+    for _ in 0..IOPS_TURN_OPS {
+        let offset = rng.below(blocks) * BLOCK as u64;
+        if write {
+            file.write_all_at(buffer.as_slice(), offset)
+                .with_context(|| format!("writing at {offset}"))?;
+        } else {
+            file.read_exact_at(buffer.as_mut_slice(), offset)
+                .with_context(|| format!("reading at {offset}"))?;
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------
+// Figure 5: the I/O pause of the switch to linear under a writer.
+
+async fn figure_5(
+    bench: &mut Bench,
+    csi: &mut Csi,
+    source: &RawSource,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let clone = csi
+        .create_volume(
+            &bench.name("f5-clone"),
+            RAW_SOURCE,
+            Access::Block,
+            Some(Source::Snapshot(&source.snapshot_id)),
+            &[],
+        )
+        .await?;
+    let mounted = bench
+        .stage_publish(csi, &clone.volume_id, Access::Block, "f5-clone")
+        .await?;
+    let name = format!("{DM_PREFIX}{}", clone.volume_id);
+    // No udev in the VM: /dev/mapper holds device nodes, not links to
+    // dm-N, so find the sysfs folder by device number.
+    let suspended_flag = {
+        let mapper = Path::new("/dev/mapper").join(&name);
+        let rdev = std::fs::metadata(&mapper)
+            .with_context(|| format!("stat {}", mapper.display()))?
+            .rdev();
+        let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+        PathBuf::from(format!("/sys/dev/block/{major}:{minor}/dm/suspended"))
+    };
+    ensure!(
+        suspended_flag.exists(),
+        "{} does not exist",
+        suspended_flag.display()
+    );
+
+    let origin = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        let target = mounted.target.clone();
+        std::thread::spawn(move || paced_writer(&target, origin, &stop))
+    };
+    let watcher = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || watch_suspended(&suspended_flag, origin, &stop))
+    };
+    let waited = csi.wait_complete(&clone.volume_id, HYDRATION_LIMIT).await;
+    let complete_seen = origin.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let writes = writer
+        .join()
+        .map_err(|_| anyhow!("the writer thread panicked"))??;
+    let transitions = watcher
+        .join()
+        .map_err(|_| anyhow!("the watcher thread panicked"))??;
+    waited?;
+    let table = dm_table(&name)?;
+    ensure!(
+        table.split_whitespace().nth(2) == Some("linear"),
+        "{name} is not linear after Complete: {table}"
+    );
+    bench.unpublish_unstage(csi, &mounted).await?;
+    csi.delete_volume(&clone.volume_id).await?;
+
+    ensure!(!writes.is_empty(), "the writer recorded no write");
+    // The suspended window: first 1 then back to 0.
+    let window = suspended_window(&transitions);
+    let (from, to, how) = match window {
+        Some((a, b)) => (
+            a,
+            b,
+            format!(
+                "suspended from {a:.3} s to {b:.3} s ({:.1} ms)",
+                (b - a) * 1000.0
+            ),
+        ),
+        None => (
+            complete_seen - 1.0,
+            complete_seen,
+            format!(
+                "the suspended window was not caught (sysfs polled every ~1 ms); using the \
+                 second before Complete was seen at {complete_seen:.3} s"
+            ),
+        ),
+    };
+    let near = |w: &Write4k| {
+        w.start + w.latency >= from - AROUND_SWITCH.as_secs_f64()
+            && w.start <= to + AROUND_SWITCH.as_secs_f64()
+    };
+    let mut away: Vec<f64> = writes
+        .iter()
+        .filter(|w| !near(w))
+        .map(|w| w.latency)
+        .collect();
+    away.sort_by(f64::total_cmp);
+    let median = percentile(&away, 0.5);
+    let p99 = percentile(&away, 0.99);
+    let max_away = away.last().copied().unwrap_or(0.0);
+    let around = writes
+        .iter()
+        .filter(|w| near(w))
+        .max_by(|a, b| a.latency.total_cmp(&b.latency))
+        .copied();
+    let overlapping = writes
+        .iter()
+        .filter(|w| w.start <= to && w.start + w.latency >= from)
+        .map(|w| w.latency)
+        .fold(0.0f64, f64::max);
+    let around_max = around.map_or(0.0, |w| w.latency);
+    let detail = format!(
+        "{} writes over {:.1} s; {how}; away from the switch: median {}, p99 {}, max {}; \
+         around it (±{} s): max {}{}; writes overlapping the suspended window: max {}",
+        writes.len(),
+        writes.last().map_or(0.0, |w| w.start),
+        ms(median),
+        ms(p99),
+        ms(max_away),
+        AROUND_SWITCH.as_secs(),
+        ms(around_max),
+        around.map_or(String::new(), |w| format!(
+            " (issued at {:.3} s, {:+.0} ms from the suspend)",
+            w.start,
+            (w.start - from) * 1000.0
+        )),
+        ms(overlapping)
+    );
+    bench.step(&format!("f5: {detail}"));
+    let tool = blocking(tool_start_cost).await?;
+    report.note(format!(
+        "5: paced writer (4 KiB O_DIRECT at random offsets, {} ms pause between writes) on a \
+         1 GiB raw clone from CreateVolume until 1.5 s after Complete: {detail}. One \
+         `dmsetup version` process takes {} here (mean of {TOOL_RUNS})",
+        WRITER_PAUSE.as_millis(),
+        ms(tool.as_secs_f64())
+    ));
+    report.row(Row::info(
+        "5a write latency, typical (median / p99)",
+        format!("{} / {}", ms(median), ms(p99)),
+        "-".to_owned(),
+        None,
+    ));
+    report.row(Row::info(
+        "5b longest write around the switch",
+        ms(around_max),
+        format!("{} (median)", ms(median)),
+        Some(around_max / median),
+    ));
+    if let Some((a, b)) = window {
+        report.row(Row::info(
+            "5c device suspended during the switch (sysfs)",
+            ms(b - a),
+            format!("{} (one dmsetup start)", ms(tool.as_secs_f64())),
+            Some((b - a) / tool.as_secs_f64()),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Write4k {
+    /// Seconds since the origin.
+    start: f64,
+    latency: f64,
+}
+
+fn paced_writer(target: &Path, origin: Instant, stop: &AtomicBool) -> anyhow::Result<Vec<Write4k>> {
+    let file = open_direct(target, true)?;
+    let size = (&file)
+        .seek(SeekFrom::End(0))
+        .context("seeking to the end of the device")?;
+    let blocks = size / BLOCK as u64;
+    let mut rng = Rng::new(0xf5);
+    let mut buffer = Aligned::new(BLOCK);
+    buffer.as_mut_slice().fill(0x5A);
+    let mut writes = Vec::with_capacity(200_000);
+    while !stop.load(Ordering::SeqCst) {
+        let offset = rng.below(blocks) * BLOCK as u64;
+        let start = Instant::now();
+        file.write_all_at(buffer.as_slice(), offset)
+            .with_context(|| format!("writing at {offset}"))?;
+        let latency = start.elapsed().as_secs_f64();
+        writes.push(Write4k {
+            start: start.duration_since(origin).as_secs_f64(),
+            latency,
+        });
+        std::thread::sleep(WRITER_PAUSE);
+    }
+    Ok(writes)
+}
+
+/// (seconds since origin, suspended) at each change of the sysfs flag.
+fn watch_suspended(
+    flag: &Path,
+    origin: Instant,
+    stop: &AtomicBool,
+) -> anyhow::Result<Vec<(f64, bool)>> {
+    let mut changes = Vec::new();
+    let mut last = None;
+    let mut text = String::new();
+    while !stop.load(Ordering::SeqCst) {
+        text.clear();
+        match File::open(flag).and_then(|mut f| f.read_to_string(&mut text)) {
+            Ok(_) => {
+                let now = text.trim() == "1";
+                if last != Some(now) {
+                    changes.push((origin.elapsed().as_secs_f64(), now));
+                    last = Some(now);
+                }
+            }
+            // The device may go away at the very end.
+            Err(_) => break,
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(changes)
+}
+
+fn suspended_window(changes: &[(f64, bool)]) -> Option<(f64, f64)> {
+    let start = changes.iter().position(|c| c.1)?;
+    let end = changes[start..].iter().find(|c| !c.1)?;
+    Some((changes[start].0, end.0))
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+// ---------------------------------------------------------------------------
+// The report.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Miss,
+    Info,
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    figure: String,
+    value: String,
+    baseline: String,
+    ratio: Option<f64>,
+    target: String,
+    verdict: Verdict,
+}
+
+impl Row {
+    fn at_most(figure: &str, value: String, baseline: String, ratio: f64, max: f64) -> Self {
+        Self {
+            figure: figure.to_owned(),
+            value,
+            baseline,
+            ratio: Some(ratio),
+            target: format!("<= {max}"),
+            verdict: if ratio <= max {
+                Verdict::Pass
+            } else {
+                Verdict::Miss
+            },
+        }
+    }
+
+    fn at_least(
+        figure: &str,
+        value: String,
+        baseline: String,
+        ratio: f64,
+        min: f64,
+        unit: &str,
+    ) -> Self {
+        Self {
+            figure: figure.to_owned(),
+            value,
+            baseline,
+            ratio: Some(ratio),
+            target: format!(">= {min}{}", if unit.is_empty() { "" } else { " " }) + unit,
+            verdict: if ratio >= min {
+                Verdict::Pass
+            } else {
+                Verdict::Miss
+            },
+        }
+    }
+
+    fn info(figure: &str, value: String, baseline: String, ratio: Option<f64>) -> Self {
+        Self {
+            figure: figure.to_owned(),
+            value,
+            baseline,
+            ratio,
+            target: "-".to_owned(),
+            verdict: Verdict::Info,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    notes: Vec<String>,
+    errors: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, row: Row) {
+        let verdict = match row.verdict {
+            Verdict::Pass => "PASS",
+            Verdict::Miss => "MISS",
+            Verdict::Info => "info",
+        };
+        say(&format!(
+            "FIGURE {}: {} vs {} = {} (target {}) {verdict}",
+            row.figure,
+            row.value,
+            row.baseline,
+            row.ratio.map_or("-".to_owned(), |r| format!("{r:.3}")),
+            row.target
+        ));
+        if row.verdict == Verdict::Miss {
+            say(&format!(
+                "!!!!!!!! MISS: {} is {} against a target of {} !!!!!!!!",
+                row.figure,
+                row.ratio.map_or("-".to_owned(), |r| format!("{r:.3}")),
+                row.target
+            ));
+        }
+        self.rows.push(row);
+    }
+
+    fn note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    fn outcome(&mut self, figure: &str, result: anyhow::Result<()>, bench: &Bench) {
+        if let Err(e) = result {
+            let message = format!("figure {figure}: {e:#}");
+            say(&format!(
+                "!!!!!!!! ERROR: {message}\nkernel state:\n{}\n--- last {LOG_TAIL} lines of the \
+                 driver's log ---\n{}\n--- end of the driver's log ---",
+                kernel_state(&bench.pool),
+                bench.log_tail(LOG_TAIL)
+            ));
+            self.errors.push(message);
+        }
+    }
+
+    fn print(&self, elapsed: Duration) {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "\n==================== liveclone benchmarks ({}, kernel {}, TCG; {:.0} s) \
+             ====================\n\n",
+            today(),
+            kernel_release(),
+            elapsed.as_secs_f64()
+        ));
+        out.push_str("| figure | value | baseline | ratio | target | result |\n");
+        out.push_str("| --- | --- | --- | --- | --- | --- |\n");
+        // In figure order (figure 3 runs before 2: it needs no raw source).
+        let mut rows: Vec<&Row> = self.rows.iter().collect();
+        rows.sort_by(|a, b| a.figure.cmp(&b.figure));
+        for row in rows {
+            let verdict = match row.verdict {
+                Verdict::Pass => "PASS",
+                Verdict::Miss => "**MISS**",
+                Verdict::Info => "info",
+            };
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {verdict} |\n",
+                row.figure,
+                row.value,
+                row.baseline,
+                row.ratio.map_or("-".to_owned(), |r| format!("{r:.3}")),
+                row.target
+            ));
+        }
+        out.push('\n');
+        for note in &self.notes {
+            out.push_str(&format!("- {note}\n"));
+        }
+        let misses: Vec<&str> = self
+            .rows
+            .iter()
+            .filter(|r| r.verdict == Verdict::Miss)
+            .map(|r| r.figure.as_str())
+            .collect();
+        if misses.is_empty() {
+            out.push_str("\nEvery figure with a target met it.\n");
+        } else {
+            out.push_str(&format!(
+                "\n!!!!!!!! {} figure(s) MISSED their target: {} !!!!!!!!\n",
+                misses.len(),
+                misses.join("; ")
+            ));
+        }
+        for error in &self.errors {
+            out.push_str(&format!("!!!!!!!! ERROR (not measured): {error}\n"));
+        }
+        out.push_str("==================== end of the benchmarks ====================\n");
+        say(&out);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The bench: a work folder, a pool, the driver.
+
+fn require_real_kernel() {
+    let in_vm = std::env::var_os("LIVECLONE_IN_VM").is_some_and(|v| v == "1");
+    let on_host = std::env::var_os("LIVECLONE_TEST_ON_HOST").is_some_and(|v| v == "1");
+    assert!(
+        in_vm || on_host,
+        "the benchmarks run in the test VM (`make bench`), or on a host with dm-clone when \
+         LIVECLONE_TEST_ON_HOST=1"
+    );
+}
+
+/// An ext4 file system in a sparse image on a loop device (direct I/O),
+/// mounted with `discard` so that deleted files free the scratch disk.
+struct BigPool {
+    /// Held, not read: detaches when the pool drops, after the unmount.
+    _loop_device: LoopDevice,
+    mount_point: PathBuf,
+}
+
+impl BigPool {
+    fn new(image: &Path, mount_point: &Path) -> anyhow::Result<Self> {
+        File::create(image)
+            .and_then(|f| f.set_len(BIG_POOL_BYTES))
+            .with_context(|| format!("creating {}", image.display()))?;
+        let loop_device = LoopDevice::attach(image, false)?;
+        run(
+            "mkfs.ext4",
+            &[
+                "-q".as_ref(),
+                "-E".as_ref(),
+                "lazy_itable_init=1,lazy_journal_init=1".as_ref(),
+                loop_device.path.as_os_str(),
+            ],
+        )?;
+        std::fs::create_dir(mount_point)?;
+        run(
+            "mount",
+            &[
+                "-t".as_ref(),
+                "ext4".as_ref(),
+                "-o".as_ref(),
+                "noinit_itable,discard".as_ref(),
+                loop_device.path.as_os_str(),
+                mount_point.as_os_str(),
+            ],
+        )?;
+        Ok(Self {
+            _loop_device: loop_device,
+            mount_point: mount_point.to_owned(),
+        })
+    }
+}
+
+impl Drop for BigPool {
+    fn drop(&mut self) {
+        // The loop device detaches when the field drops, after this.
+        unmount_all_under(&self.mount_point);
+    }
+}
+
+struct Bench {
+    label: String,
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+    pool: PathBuf,
+    state: PathBuf,
+    mnt: PathBuf,
+    endpoint: String,
+    log: PathBuf,
+    big_pool: Option<BigPool>,
+    driver: Option<Child>,
+    dm_before: BTreeSet<String>,
+    started: Instant,
+}
+
+impl Bench {
+    fn new(label: &str, big_pool: bool) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("lcbench-")
+            .tempdir()
+            .expect("creating the work folder under TMPDIR");
+        let root = dir
+            .path()
+            .canonicalize()
+            .expect("resolving the work folder");
+        let mnt = root.join("mnt");
+        let state = root.join("state");
+        for folder in [&mnt, &state] {
+            std::fs::create_dir(folder)
+                .unwrap_or_else(|e| panic!("creating {}: {e}", folder.display()));
+        }
+        let mut bench = Self {
+            label: label.to_owned(),
+            dir: Some(dir),
+            pool: root.join("pool"),
+            state,
+            mnt,
+            endpoint: format!("unix://{}", root.join("csi.sock").display()),
+            log: root.join("driver.log"),
+            big_pool: None,
+            driver: None,
+            dm_before: dm_devices(),
+            started: Instant::now(),
+            root,
+        };
+        if big_pool {
+            let pool = BigPool::new(&bench.root.join("pool.ext4"), &bench.root.join("big"))
+                .expect("making the big pool");
+            bench.pool = pool.mount_point.join("pool");
+            bench.big_pool = Some(pool);
+        }
+        std::fs::create_dir(&bench.pool)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", bench.pool.display()));
+        bench.step(&format!("pool at {}", bench.pool.display()));
+        bench
+    }
+
+    fn name(&self, what: &str) -> String {
+        format!("bench-{what}-{}", std::process::id())
+    }
+
+    fn step(&self, message: &str) {
+        say(&format!(
+            "[{} +{:.1}s] {message}",
+            self.label,
+            self.started.elapsed().as_secs_f64()
+        ));
+    }
+
+    async fn start_driver(&mut self) -> anyhow::Result<Csi> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let err = log.try_clone()?;
+        let args: Vec<&OsStr> = vec![
+            OsStr::new("standalone"),
+            OsStr::new("--endpoint"),
+            OsStr::new(&self.endpoint),
+            OsStr::new("--state-dir"),
+            self.state.as_os_str(),
+            OsStr::new("--pool-dir"),
+            self.pool.as_os_str(),
+            OsStr::new("--node-id"),
+            OsStr::new(NODE_ID),
+            OsStr::new("--allowed-mount-root"),
+            self.mnt.as_os_str(),
+        ];
+        let mut command = Command::new(driver_binary()?);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        self.driver = Some(command.spawn().context("starting the driver")?);
+        let started = Instant::now();
+        let mut last_problem = String::from("no socket yet");
+        loop {
+            if let Some(child) = self.driver.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.driver = None;
+                    bail!("the driver exited ({status}) while starting: {last_problem}");
+                }
+            }
+            match connect_unix(&self.endpoint).await {
+                Ok(channel) => {
+                    let mut identity = IdentityClient::new(channel.clone());
+                    match identity.probe(csi::ProbeRequest {}).await {
+                        Ok(response) if response.get_ref().ready == Some(true) => {
+                            self.step(&format!(
+                                "driver ready in {:.1} s",
+                                started.elapsed().as_secs_f64()
+                            ));
+                            return Ok(Csi::new(channel));
+                        }
+                        Ok(response) => last_problem = format!("Probe: {:?}", response.get_ref()),
+                        Err(status) => last_problem = format!("Probe: {status}"),
+                    }
+                }
+                Err(e) => last_problem = format!("{e:#}"),
+            }
+            ensure!(
+                started.elapsed() < START_LIMIT,
+                "the driver was not ready within {START_LIMIT:?}: {last_problem}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn stop_driver(&mut self) {
+        let Some(mut child) = self.driver.take() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < STOP_LIMIT {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    async fn stage_publish(
+        &self,
+        csi: &mut Csi,
+        volume_id: &str,
+        access: Access,
+        tag: &str,
+    ) -> anyhow::Result<Mounted> {
+        Ok(self
+            .stage_publish_timed(csi, volume_id, access, tag)
+            .await?
+            .0)
+    }
+
+    /// NodeStage then NodePublish, as kubelet calls them; returns how long
+    /// each took.
+    async fn stage_publish_timed(
+        &self,
+        csi: &mut Csi,
+        volume_id: &str,
+        access: Access,
+        tag: &str,
+    ) -> anyhow::Result<(Mounted, Duration, Duration)> {
+        let staging = self.mnt.join(format!("{tag}-staging"));
+        std::fs::create_dir_all(&staging)?;
+        let target = self.mnt.join(format!("{tag}-target"));
+        let started = Instant::now();
+        rpc(
+            "NodeStageVolume",
+            csi.node
+                .node_stage_volume(csi::NodeStageVolumeRequest {
+                    volume_id: volume_id.to_owned(),
+                    staging_target_path: path_string(&staging)?,
+                    volume_capability: Some(capability(access)),
+                    ..Default::default()
+                })
+                .await,
+        )?;
+        let stage = started.elapsed();
+        let started = Instant::now();
+        rpc(
+            "NodePublishVolume",
+            csi.node
+                .node_publish_volume(csi::NodePublishVolumeRequest {
+                    volume_id: volume_id.to_owned(),
+                    staging_target_path: path_string(&staging)?,
+                    target_path: path_string(&target)?,
+                    volume_capability: Some(capability(access)),
+                    readonly: false,
+                    ..Default::default()
+                })
+                .await,
+        )?;
+        let publish = started.elapsed();
+        Ok((
+            Mounted {
+                volume_id: volume_id.to_owned(),
+                staging,
+                target,
+            },
+            stage,
+            publish,
+        ))
+    }
+
+    async fn unpublish_unstage(&self, csi: &mut Csi, mounted: &Mounted) -> anyhow::Result<()> {
+        rpc(
+            "NodeUnpublishVolume",
+            csi.node
+                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                    volume_id: mounted.volume_id.clone(),
+                    target_path: path_string(&mounted.target)?,
+                })
+                .await,
+        )?;
+        rpc(
+            "NodeUnstageVolume",
+            csi.node
+                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                    volume_id: mounted.volume_id.clone(),
+                    staging_target_path: path_string(&mounted.staging)?,
+                })
+                .await,
+        )?;
+        let _ = std::fs::remove_dir(&mounted.staging);
+        Ok(())
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let mut text = String::new();
+        if let Err(e) = File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text)) {
+            return format!("(cannot read {}: {e})", self.log.display());
+        }
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            say(&format!(
+                "[{}] FAILED; kernel state:\n{}\n--- last {LOG_TAIL} lines of the driver's log \
+                 ---\n{}\n--- end of the driver's log ---",
+                self.label,
+                kernel_state(&self.pool),
+                self.log_tail(LOG_TAIL)
+            ));
+        }
+        if std::env::var_os("LIVECLONE_BENCH_SHOW_LOG").is_some_and(|v| v == "1") {
+            say(&format!(
+                "[{}] --- the driver's log (LIVECLONE_BENCH_SHOW_LOG=1) ---\n{}\n--- end of \
+                 the driver's log ---",
+                self.label,
+                self.log_tail(usize::MAX)
+            ));
+        }
+        self.stop_driver();
+        unmount_all_under(&self.mnt);
+        unmount_all_under(&self.state);
+        for name in dm_devices().difference(&self.dm_before) {
+            let removed = Command::new("dmsetup")
+                .args(["remove", "--retry", name])
+                .output();
+            if !removed.is_ok_and(|o| o.status.success()) {
+                say(&format!("cleanup: could not remove device {name}"));
+            }
+        }
+        for device in pool_loops(&self.pool) {
+            let detached = Command::new("losetup").args(["-d", &device]).output();
+            if !detached.is_ok_and(|o| o.status.success()) {
+                say(&format!("cleanup: could not detach {device}"));
+            }
+        }
+        drop(self.big_pool.take());
+        if let Some(dir) = self.dir.take() {
+            if mounts_under(&self.root).is_empty() {
+                drop(dir);
+            } else {
+                let kept = dir.keep();
+                say(&format!(
+                    "cleanup: left {} in place: something below it is still mounted",
+                    kept.display()
+                ));
+            }
+        }
+    }
+}
+
+struct Mounted {
+    volume_id: String,
+    staging: PathBuf,
+    target: PathBuf,
+}
+
+// ---------------------------------------------------------------------------
+// The driver's APIs.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    Block,
+    Ext4,
+}
+
+fn capability(access: Access) -> csi::VolumeCapability {
+    use csi::volume_capability::access_mode::Mode;
+    use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+    csi::VolumeCapability {
+        access_type: Some(match access {
+            Access::Block => AccessType::Block(BlockVolume {}),
+            Access::Ext4 => AccessType::Mount(MountVolume {
+                fs_type: "ext4".to_owned(),
+                ..Default::default()
+            }),
+        }),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter.into(),
+        }),
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Source<'a> {
+    Volume(&'a str),
+    Snapshot(&'a str),
+}
+
+fn content_source(source: Source<'_>) -> csi::VolumeContentSource {
+    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    csi::VolumeContentSource {
+        r#type: Some(match source {
+            Source::Volume(id) => Type::Volume(VolumeSource {
+                volume_id: id.to_owned(),
+            }),
+            Source::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                snapshot_id: id.to_owned(),
+            }),
+        }),
+    }
+}
+
+fn rpc<T>(what: &str, result: Result<T, tonic::Status>) -> anyhow::Result<T> {
+    result.map_err(|status| anyhow!("{what} failed: {:?}: {}", status.code(), status.message()))
+}
+
+struct Csi {
+    controller: ControllerClient<Channel>,
+    node: NodeClient<Channel>,
+    admin: AdminClient<Channel>,
+}
+
+impl Csi {
+    fn new(channel: Channel) -> Self {
+        Self {
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel.clone()),
+            admin: AdminClient::new(channel),
+        }
+    }
+
+    async fn create_volume(
+        &mut self,
+        name: &str,
+        bytes: u64,
+        access: Access,
+        source: Option<Source<'_>>,
+        parameters: &[(&str, &str)],
+    ) -> anyhow::Result<csi::Volume> {
+        let request = csi::CreateVolumeRequest {
+            name: name.to_owned(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: i64::try_from(bytes)?,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![capability(access)],
+            parameters: parameters
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            volume_content_source: source.map(content_source),
+            ..Default::default()
+        };
+        let response = rpc(
+            &format!("CreateVolume {name}"),
+            self.controller.create_volume(request).await,
+        )?;
+        response
+            .into_inner()
+            .volume
+            .context("CreateVolume returned no volume")
+    }
+
+    async fn delete_volume(&mut self, id: &str) -> anyhow::Result<()> {
+        rpc(
+            &format!("DeleteVolume {id}"),
+            self.controller
+                .delete_volume(csi::DeleteVolumeRequest {
+                    volume_id: id.to_owned(),
+                    ..Default::default()
+                })
+                .await,
+        )
+        .map(drop)
+    }
+
+    async fn create_snapshot(&mut self, name: &str, source: &str) -> anyhow::Result<csi::Snapshot> {
+        let response = rpc(
+            &format!("CreateSnapshot {name}"),
+            self.controller
+                .create_snapshot(csi::CreateSnapshotRequest {
+                    source_volume_id: source.to_owned(),
+                    name: name.to_owned(),
+                    ..Default::default()
+                })
+                .await,
+        )?;
+        response
+            .into_inner()
+            .snapshot
+            .context("CreateSnapshot returned no snapshot")
+    }
+
+    async fn delete_snapshot(&mut self, id: &str) -> anyhow::Result<()> {
+        rpc(
+            &format!("DeleteSnapshot {id}"),
+            self.controller
+                .delete_snapshot(csi::DeleteSnapshotRequest {
+                    snapshot_id: id.to_owned(),
+                    ..Default::default()
+                })
+                .await,
+        )
+        .map(drop)
+    }
+
+    async fn set_hydration(
+        &mut self,
+        id: &str,
+        action: Action,
+        threshold: Option<u32>,
+        batch_size: Option<u32>,
+    ) -> anyhow::Result<admin::VolumeStatus> {
+        let response = rpc(
+            &format!("SetHydration {action:?} {id}"),
+            self.admin
+                .set_hydration(admin::SetHydrationRequest {
+                    volume_id: id.to_owned(),
+                    action: action.into(),
+                    threshold,
+                    batch_size,
+                })
+                .await,
+        )?;
+        response
+            .into_inner()
+            .volume
+            .context("SetHydration returned no volume")
+    }
+
+    async fn hydration_of(&mut self, id: &str) -> anyhow::Result<admin::Hydration> {
+        let volumes = rpc(
+            "ListVolumes",
+            self.admin.list_volumes(admin::ListVolumesRequest {}).await,
+        )?
+        .into_inner()
+        .volumes;
+        let status = volumes
+            .into_iter()
+            .find(|v| v.volume_id == id)
+            .with_context(|| format!("the admin API does not list {id}"))?;
+        status
+            .hydration
+            .with_context(|| format!("volume {id} has no hydration status"))
+    }
+
+    async fn wait_complete(
+        &mut self,
+        id: &str,
+        limit: Duration,
+    ) -> anyhow::Result<admin::Hydration> {
+        let start = Instant::now();
+        let mut last_print = Instant::now();
+        loop {
+            let hydration = self.hydration_of(id).await?;
+            if hydration.phase == "Complete" {
+                return Ok(hydration);
+            }
+            ensure!(
+                hydration.phase != "Failed",
+                "hydration of {id} failed: {}",
+                describe(&hydration)
+            );
+            ensure!(
+                start.elapsed() < limit,
+                "hydration of {id} did not complete within {limit:?}: {}",
+                describe(&hydration)
+            );
+            if last_print.elapsed() >= Duration::from_secs(15) {
+                say(&format!("  waiting for {id}: {}", describe(&hydration)));
+                last_print = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+fn describe(h: &admin::Hydration) -> String {
+    format!(
+        "{}{} {:.1}% ({} of {} bytes), threshold {} batch {}: {}",
+        h.phase,
+        if h.paused { " (paused)" } else { "" },
+        h.percent,
+        h.hydrated_bytes,
+        h.total_bytes,
+        h.threshold,
+        h.batch_size,
+        h.message
+    )
+}
+
+/// The binary to run: in the VM, a private copy on the scratch disk (the
+/// host's `target` folder is shared over 9p and may be rebuilt meanwhile).
+fn driver_binary() -> anyhow::Result<PathBuf> {
+    static COPY: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(path) = COPY.get() {
+        return Ok(path.clone());
+    }
+    let in_vm = std::env::var_os("LIVECLONE_IN_VM").is_some_and(|v| v == "1");
+    let path = if in_vm {
+        let copy = std::env::temp_dir().join(format!("liveclone-bench-{}", std::process::id()));
+        std::fs::copy(BIN, &copy).with_context(|| format!("copying {BIN}"))?;
+        copy
+    } else {
+        PathBuf::from(BIN)
+    };
+    Ok(COPY.get_or_init(|| path).clone())
+}
+
+// ---------------------------------------------------------------------------
+// Devices and tools.
+
+fn run(program: &str, args: &[&OsStr]) -> anyhow::Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    ensure!(
+        output.status.success(),
+        "{program} {args:?} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Runs a blocking job on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    job: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|e| anyhow!("blocking task failed: {e}"))?
+}
+
+/// A loop device over a file, with direct I/O as the pool attaches them;
+/// detached when dropped.
+struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    fn attach(file: &Path, read_only: bool) -> anyhow::Result<Self> {
+        let mut args: Vec<&OsStr> = vec![
+            "--direct-io=on".as_ref(),
+            "--find".as_ref(),
+            "--show".as_ref(),
+        ];
+        if read_only {
+            args.push("--read-only".as_ref());
+        }
+        args.push(file.as_os_str());
+        let device = run("losetup", &args)?;
+        Ok(Self {
+            path: PathBuf::from(device.trim()),
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let detached = Command::new("losetup").arg("-d").arg(&self.path).output();
+        if !detached.is_ok_and(|o| o.status.success()) {
+            say(&format!(
+                "cleanup: could not detach {}",
+                self.path.display()
+            ));
+        }
+    }
+}
+
+/// dd of `bytes` in blocks of `block` (dd's syntax) with direct I/O on
+/// both sides; wall time.
+fn dd_copy(src: &Path, dst: &Path, bytes: u64, block: &str) -> anyhow::Result<Duration> {
+    let block_bytes = match block.strip_suffix('M') {
+        Some(m) => m.parse::<u64>()? * MIB,
+        None => {
+            block
+                .strip_suffix('K')
+                .context("dd block size")?
+                .parse::<u64>()?
+                * KIB
+        }
+    };
+    let started = Instant::now();
+    let output = Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", dst.display()))
+        .args([
+            format!("bs={block}"),
+            format!("count={}", bytes / block_bytes),
+            "iflag=direct".to_owned(),
+            "oflag=direct".to_owned(),
+            "status=none".to_owned(),
+        ])
+        .output()
+        .context("running dd")?;
+    let took = started.elapsed();
+    ensure!(
+        output.status.success(),
+        "dd {} -> {} failed ({}): {}",
+        src.display(),
+        dst.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(took)
+}
+
+struct CloneLine {
+    region_sectors: u64,
+    hydrated: u64,
+    total: u64,
+}
+
+/// The clone target's no-flush status; `None` once the table is linear.
+fn clone_status(name: &str) -> anyhow::Result<Option<CloneLine>> {
+    let status = run(
+        "dmsetup",
+        &["status".as_ref(), "--noflush".as_ref(), name.as_ref()],
+    )?;
+    let Some(line) = status
+        .lines()
+        .find(|line| line.split_whitespace().nth(2) == Some("clone"))
+    else {
+        return Ok(None);
+    };
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let parsed = (|| {
+        let region_sectors = fields.get(5)?.parse().ok()?;
+        let (h, t) = fields.get(6)?.split_once('/')?;
+        Some(CloneLine {
+            region_sectors,
+            hydrated: h.parse().ok()?,
+            total: t.parse().ok()?,
+        })
+    })();
+    parsed
+        .map(Some)
+        .with_context(|| format!("odd clone status of {name}: {line}"))
+}
+
+fn dm_table(name: &str) -> anyhow::Result<String> {
+    run("dmsetup", &["table".as_ref(), name.as_ref()])
+}
+
+fn dm_devices() -> BTreeSet<String> {
+    run("dmsetup", &["ls".as_ref()])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with(DM_PREFIX))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Loop devices backed by files under `pool`.
+fn pool_loops(pool: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            continue;
+        };
+        if Path::new(backing.trim()).starts_with(pool) {
+            found.push(format!("/dev/{name}"));
+        }
+    }
+    found
+}
+
+fn kernel_state(pool: &Path) -> String {
+    let mut out = String::new();
+    for name in dm_devices() {
+        let table = dm_table(&name).unwrap_or_else(|e| format!("({e})"));
+        let status = run(
+            "dmsetup",
+            &["status".as_ref(), "--noflush".as_ref(), name.as_ref()],
+        )
+        .unwrap_or_else(|e| format!("({e})"));
+        out.push_str(&format!(
+            "{name}:\n  table  {}\n  status {}\n",
+            table.trim(),
+            status.trim()
+        ));
+    }
+    out.push_str(&format!("pool loops: {:?}\n", pool_loops(pool)));
+    out
+}
+
+/// Bytes allocated to a volume's data file in the pool.
+fn data_file_allocated(pool: &Path, volume_id: &str) -> anyhow::Result<u64> {
+    let folder = pool.join("volumes");
+    let prefix = format!("{volume_id}.");
+    let mut total = 0;
+    let mut found = false;
+    for entry in
+        std::fs::read_dir(&folder).with_context(|| format!("listing {}", folder.display()))?
+    {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            total += entry.metadata()?.blocks() * 512;
+            found = true;
+        }
+    }
+    ensure!(found, "no data file of {volume_id} in {}", folder.display());
+    Ok(total)
+}
+
+fn mounts_under(root: &Path) -> Vec<PathBuf> {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mount_path(field)))
+        .filter(|point| point.starts_with(root))
+        .collect();
+    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
+    points.dedup();
+    points
+}
+
+fn unescape_mount_path(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
+            let text = std::str::from_utf8(digits).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn unmount_all_under(root: &Path) {
+    for point in mounts_under(root) {
+        let plain = Command::new("umount").arg(&point).output();
+        if plain.is_ok_and(|output| output.status.success()) {
+            continue;
+        }
+        let lazy = Command::new("umount").arg("-l").arg(&point).output();
+        if !lazy.is_ok_and(|output| output.status.success()) {
+            say(&format!(
+                "cleanup: {} could not be unmounted",
+                point.display()
+            ));
+        }
+    }
+}
+
+fn drop_caches() {
+    nix::unistd::sync();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// (size, used) of the file system mounted at `path`, in bytes.
+fn fs_usage(path: &Path) -> anyhow::Result<(u64, u64)> {
+    let stat =
+        nix::sys::statvfs::statvfs(path).with_context(|| format!("statvfs {}", path.display()))?;
+    let block: u64 = stat.fragment_size();
+    let blocks: u64 = stat.blocks();
+    let free: u64 = stat.blocks_free();
+    Ok((blocks * block, (blocks - free) * block))
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+fn memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+fn today() -> String {
+    run("date", &["-u".as_ref(), "+%Y-%m-%d %H:%M UTC".as_ref()])
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown date".to_owned())
+}
+
+// ---------------------------------------------------------------------------
+// Data.
+
+/// A page-aligned buffer, as O_DIRECT needs.
+struct Aligned {
+    storage: Vec<u8>,
+    offset: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        let storage = vec![0u8; len + BLOCK];
+        let offset = storage.as_ptr().align_offset(BLOCK);
+        Self {
+            storage,
+            offset,
+            len,
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.storage[self.offset..self.offset + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.offset..self.offset + self.len]
+    }
+}
+
+fn open_direct(path: &Path, write: bool) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("opening {} with O_DIRECT", path.display()))
+}
+
+/// xorshift64*: cheap and good enough to pick offsets.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// 4 MiB of pseudo-random bytes for `seed`.
+fn base_chunk(seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::with_capacity(FILE_BYTES);
+    while out.len() < FILE_BYTES {
+        out.extend_from_slice(&rng.next().to_le_bytes());
+    }
+    out
+}
+
+/// Makes every 4 KiB block of `chunk` unique: its first 16 bytes become
+/// (seed, global block number).
+fn stamp(chunk: &mut [u8], seed: u64, first_block: u64) {
+    for (i, block) in chunk.chunks_mut(BLOCK).enumerate() {
+        block[..8].copy_from_slice(&seed.to_le_bytes());
+        block[8..16].copy_from_slice(&(first_block + i as u64).to_le_bytes());
+    }
+}
+
+/// Writes `len` bytes of data at `offset` with O_DIRECT in 4 MiB pieces,
+/// then flushes. `create` makes (or truncates) a regular file first.
+fn fill_direct(path: &Path, offset: u64, len: u64, seed: u64, create: bool) -> anyhow::Result<()> {
+    if create {
+        File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    }
+    let file = open_direct(path, true)?;
+    let base = base_chunk(seed);
+    let mut buffer = Aligned::new(FILE_BYTES);
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(FILE_BYTES as u64) as usize;
+        let chunk = &mut buffer.as_mut_slice()[..n];
+        chunk.copy_from_slice(&base[..n]);
+        stamp(chunk, seed, (offset + done) / BLOCK as u64);
+        file.write_all_at(chunk, offset + done)
+            .with_context(|| format!("writing {} at {}", path.display(), offset + done))?;
+        done += n as u64;
+    }
+    file.sync_all()
+        .with_context(|| format!("flushing {}", path.display()))
+}
+
+fn file_content(seed: u64, index: usize) -> Vec<u8> {
+    let mut data = base_chunk(seed);
+    stamp(&mut data, seed, (index * FILE_BYTES / BLOCK) as u64);
+    data
+}
+
+/// `count` files of 4 MiB, each with its own content, flushed.
+fn write_files(dir: &Path, count: usize, seed: u64) -> anyhow::Result<()> {
+    let folder = dir.join("data");
+    std::fs::create_dir_all(&folder)?;
+    let base = base_chunk(seed);
+    for index in 0..count {
+        let mut data = base.clone();
+        stamp(&mut data, seed, (index * FILE_BYTES / BLOCK) as u64);
+        let path = folder.join(format!("f{index:03}.bin"));
+        let mut file =
+            File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(&data)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    File::open(&folder)
+        .and_then(|d| d.sync_all())
+        .context("syncing the data folder")?;
+    Ok(())
+}
+
+fn verify_file(dir: &Path, index: usize, seed: u64) -> anyhow::Result<()> {
+    let path = dir.join("data").join(format!("f{index:03}.bin"));
+    let got = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let want = file_content(seed, index);
+    ensure!(
+        got == want,
+        "{} differs from what was written to the source (sha256 {} vs {})",
+        path.display(),
+        sha256_hex(&got),
+        sha256_hex(&want)
+    );
+    Ok(())
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers.
+
+fn path_string(path: &Path) -> anyhow::Result<String> {
+    path.to_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+fn secs(d: Duration) -> String {
+    secs_f(d.as_secs_f64())
+}
+
+fn secs_f(s: f64) -> String {
+    format!("{s:.2} s")
+}
+
+fn ms(s: f64) -> String {
+    format!("{:.1} ms", s * 1000.0)
+}
+
+fn human_bytes(bytes: f64) -> String {
+    if bytes >= GIB as f64 {
+        format!("{:.2} GiB", bytes / GIB as f64)
+    } else if bytes >= MIB as f64 {
+        format!("{:.1} MiB", bytes / MIB as f64)
+    } else {
+        format!("{:.0} KiB", bytes / KIB as f64)
+    }
+}
+
+fn rate(bytes: u64, took: Duration) -> String {
+    format!("{}/s", human_bytes(bytes as f64 / took.as_secs_f64()))
+}
+
+/// Writes a line straight to stdout, past the test harness's capture.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
