@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::domain::engine::{Engine, VolumeView};
 use crate::domain::ids::VolumeId;
 use crate::domain::model::{AccessKind, ContentSource};
-use crate::grpc::errors::to_status;
+use crate::grpc::errors::run_blocking;
 use crate::proto::admin::v1alpha1 as admin;
 use crate::proto::admin::v1alpha1::admin_server::{Admin, AdminServer};
 use crate::proto::admin::v1alpha1::set_hydration_request::Action;
@@ -98,15 +98,6 @@ pub fn volume_status(view: &VolumeView) -> admin::VolumeStatus {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    job: impl FnOnce() -> crate::domain::error::DomainResult<T> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(job)
-        .await
-        .map_err(|e| Status::internal(format!("task failed: {e}")))?
-        .map_err(to_status)
-}
-
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn list_volumes(
@@ -114,7 +105,8 @@ impl Admin for AdminService {
         _request: Request<admin::ListVolumesRequest>,
     ) -> Result<Response<admin::ListVolumesResponse>, Status> {
         let engine = Arc::clone(&self.engine);
-        let views = blocking(move || engine.volume_views()).await?;
+        let span = tracing::info_span!("admin", rpc = "ListVolumes");
+        let views = run_blocking(&span, move || engine.volume_views()).await?;
         Ok(Response::new(admin::ListVolumesResponse {
             volumes: views.iter().map(volume_status).collect(),
         }))
@@ -132,7 +124,8 @@ impl Admin for AdminService {
         let action = Action::try_from(request.action)
             .map_err(|_| Status::invalid_argument("unknown action"))?;
         let engine = Arc::clone(&self.engine);
-        let view = blocking(move || {
+        let span = tracing::info_span!("admin", rpc = "SetHydration", volume = %id);
+        let view = run_blocking(&span, move || {
             match action {
                 Action::Pause => engine.pause_hydration(&id)?,
                 Action::Resume => engine.resume_hydration(&id)?,

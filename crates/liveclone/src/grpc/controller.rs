@@ -21,6 +21,7 @@ use crate::domain::error::DomainResult;
 use crate::domain::ids::{SnapshotId, VolumeId};
 use crate::domain::model::{AccessKind, ContentSource, VolumeRecord, VolumeState};
 use crate::domain::sizing::{parse_parameters, PARAMETER_PREFIX};
+use crate::grpc::convert::volume_span;
 use crate::grpc::convert::{
     self, bytes_i64, capabilities, capability, capacity_range, content_source,
     content_source_message, is_node, node_topology, quoted, require, snapshot_message,
@@ -81,12 +82,6 @@ fn controller_capabilities() -> Vec<ControllerServiceCapability> {
         )),
     })
     .collect()
-}
-
-/// A span for an RPC about one volume; the ID is quoted since it may come
-/// straight from the CO.
-fn volume_span(rpc: &'static str, volume_id: &str) -> Span {
-    info_span!("csi", rpc, volume = %quoted(volume_id))
 }
 
 /// A span for an RPC about one snapshot.

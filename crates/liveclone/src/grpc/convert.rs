@@ -29,6 +29,12 @@ pub const FS_TYPE_PARAMETER: &str = "csi.storage.k8s.io/fstype";
 /// How much of a malformed, CO-supplied string goes into messages and logs.
 const QUOTED_PREFIX_CHARS: usize = 80;
 
+/// A span for an RPC about one volume; the ID is quoted since it may come
+/// straight from the CO.
+pub fn volume_span(rpc: &'static str, volume_id: &str) -> tracing::Span {
+    tracing::info_span!("csi", rpc, volume = %quoted(volume_id))
+}
+
 /// `value` shortened and escaped for a message or a log field: IDs and
 /// names come from the CO and may be long or hold control characters.
 pub fn quoted(value: &str) -> String {

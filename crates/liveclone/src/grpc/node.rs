@@ -10,14 +10,14 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tracing::{info_span, Instrument as _, Span};
+use tracing::Instrument as _;
 
 use crate::domain::engine::{Engine, MountSpec, NodeStats, PublishRequest, StageRequest};
 use crate::domain::error::{DomainError, DomainResult};
 use crate::domain::ids::VolumeId;
+use crate::grpc::convert::volume_span;
 use crate::grpc::convert::{
-    self, bytes_i64, capability, node_topology, quoted, require, required_capability, Access,
-    Capability,
+    self, bytes_i64, capability, node_topology, require, required_capability, Access, Capability,
 };
 use crate::grpc::errors::run_blocking;
 use crate::proto::csi::v1::node_server::{Node, NodeServer};
@@ -64,10 +64,6 @@ fn node_capabilities() -> Vec<NodeServiceCapability> {
         )),
     })
     .collect()
-}
-
-fn volume_span(rpc: &'static str, volume_id: &str) -> Span {
-    info_span!("csi", rpc, volume = %quoted(volume_id))
 }
 
 /// FAILED_PRECONDITION (the spec's code for capabilities the volume does
