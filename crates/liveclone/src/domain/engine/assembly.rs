@@ -179,27 +179,24 @@ impl Engine {
         if self.os.dm.info(&name)?.is_none() {
             return Err(DomainError::internal(format!("device {name} is missing")));
         }
-        let mut guard = Quiesced {
-            engine: self,
-            name: name.clone(),
-            frozen: None,
-            suspended: false,
-        };
         self.os.dm.suspend(&name, SuspendFlush::Flush)?;
-        guard.suspended = true;
-        Ok(guard)
+        Ok(Quiesced {
+            engine: self,
+            name,
+            suspended: true,
+        })
     }
 }
 
+/// A suspended volume; resumed (which also thaws its file system) once.
 pub(super) struct Quiesced<'a> {
     engine: &'a Engine,
     name: DmName,
-    pub(super) frozen: Option<PathBuf>,
     suspended: bool,
 }
 
 impl Quiesced<'_> {
-    /// Resumes and thaws now, reporting errors (drop only logs them).
+    /// Resumes now, reporting errors (drop only logs them).
     pub(super) fn release(mut self) -> DomainResult<()> {
         self.release_inner()
     }
@@ -208,9 +205,6 @@ impl Quiesced<'_> {
         if self.suspended {
             self.engine.os.dm.resume(&self.name)?;
             self.suspended = false;
-        }
-        if let Some(mount_point) = self.frozen.take() {
-            self.engine.os.fs.thaw(&mount_point)?;
         }
         Ok(())
     }
