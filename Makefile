@@ -8,6 +8,7 @@
 #                   if its kernel has dm-clone)
 #   make vm-prepare install QEMU and build the VM kernel bits (cached)
 #   make tools      build the pinned Go test tools, e.g. csi-sanity (cached)
+#   make deps       install the system packages the build needs (libdevmapper, libclang)
 #   make vm-shell   boot the test VM and run CMD (default: a short report)
 #   make demo-vm    the live-clone story on a real kernel, no cluster needed
 #   make bench      benchmarks in the VM, as ratios to same-run baselines (docs/BENCHMARKS.md)
@@ -17,18 +18,21 @@ VMTEST := target/debug/vmtest
 VM_TIMEOUT ?= 3000
 CMD ?= sh -c 'uname -a; dmsetup targets; lsblk'
 
-.PHONY: test test-unit test-vm lint vm-prepare vm-shell build demo-vm tools bench
+.PHONY: test test-unit test-vm lint vm-prepare vm-shell build demo-vm tools bench deps
 
 test: lint test-unit test-vm
 
-build:
+deps:
+	bash tests/tools/install-build-deps.sh
+
+build: deps
 	$(CARGO) build --workspace --all-targets
 
-lint:
+lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --features vmtest/real-kernel,vmtest/vm,liveclone/real-kernel,liveclone/vm -- -D warnings
 
-test-unit:
+test-unit: deps
 	$(CARGO) test --workspace
 
 vm-prepare:
@@ -37,7 +41,7 @@ vm-prepare:
 tools:
 	bash tests/tools/build-go-tools.sh
 
-$(VMTEST): FORCE
+$(VMTEST): FORCE deps
 	$(CARGO) build -p vmtest
 
 test-vm: $(VMTEST) tools

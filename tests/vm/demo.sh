@@ -198,7 +198,7 @@ CREATE_SECONDS=$(since "$start")
 mount_volume "$CLONE" clone
 CLONE_SECONDS=$(since "$start")
 say "clone $CLONE: created in ${CREATE_SECONDS}s, mounted at $MNT/clone ${CLONE_SECONDS}s after the request"
-say "(no data was copied: that time is the driver's dmsetup, losetup and mount steps, slow on"
+say "(no data was copied: that time is the driver's dmsetup, loop device and mount steps, slow on"
 say " this emulated CPU, and it does not grow with the data the volume holds)"
 status | indent
 say "its device: dm-clone over (metadata, destination, source image), with a linear tail if larger"

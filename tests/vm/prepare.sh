@@ -23,12 +23,6 @@ set -euo pipefail
 log() { printf 'vm-prepare: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || die "run as root or install sudo"
-    SUDO=(sudo)
-fi
-
 # Without HOME (some CI environments), fall back to a system cache folder;
 # crates/vmtest/src/cache.rs resolves the same way.
 if [ -n "${HOME:-}" ]; then DEFAULT_CACHE="$HOME/.cache"; else DEFAULT_CACHE=/var/cache; fi
@@ -44,34 +38,9 @@ HOST_PACKAGES=(
     dmsetup e2fsprogs xfsprogs util-linux lvm2
 )
 
-apt_updated=0
-apt_update_once() {
-    if [ "$apt_updated" -eq 0 ]; then
-        log "apt-get update"
-        "${SUDO[@]}" apt-get update -qq
-        apt_updated=1
-    fi
-}
-
-missing_packages() {
-    local pkg
-    for pkg in "$@"; do
-        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
-            printf '%s\n' "$pkg"
-        fi
-    done
-}
-
-install_packages() {
-    local missing
-    mapfile -t missing < <(missing_packages "$@")
-    if [ "${#missing[@]}" -gt 0 ]; then
-        apt_update_once
-        log "installing: ${missing[*]}"
-        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    fi
-}
+APT_LIB_NAME=vm-prepare
+# shellcheck source=tests/tools/apt-lib.sh
+source "$(dirname "$0")/../tools/apt-lib.sh"
 
 install_packages "${HOST_PACKAGES[@]}"
 

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use liveclone::cli::{self, Cli, Command, LogFormat};
-use liveclone::os::dm::dmsetup::Dmsetup;
+use liveclone::os::dm::ioctl::DmIoctl;
 use liveclone::os::fs::linux::LinuxFilesystems;
 use liveclone::os::kernel::LinuxKernel;
-use liveclone::os::loopdev::losetup::Losetup;
+use liveclone::os::loopdev::ioctl::KernelLoops;
 use liveclone::os::Os;
 use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
@@ -29,8 +29,8 @@ fn init_logging(format: LogFormat) {
 /// The real Linux implementations of the OS layer.
 fn linux() -> Os {
     Os {
-        dm: Arc::new(Dmsetup::new()),
-        loops: Arc::new(Losetup::new()),
+        dm: Arc::new(DmIoctl::new()),
+        loops: Arc::new(KernelLoops::new()),
         fs: Arc::new(LinuxFilesystems::new()),
         kernel: Arc::new(LinuxKernel::new()),
     }

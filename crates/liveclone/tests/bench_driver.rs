@@ -280,7 +280,7 @@ async fn figure_1(bench: &mut Bench, csi: &mut Csi, report: &mut Report) -> anyh
     report.note(format!(
         "1: starting one external tool (`dmsetup version`, mean of {TOOL_RUNS}) takes {} in \
          this VM: the 1 GiB clone-to-mounted time is {:.0} such starts, and about {} \
-         processes were forked during it (/proc/stat; the driver runs dmsetup, losetup, \
+         processes were forked during it (/proc/stat; the driver runs dmsetup, \
          blkid, mount, and its monitor polls)",
         ms(tool.as_secs_f64()),
         small_s / tool.as_secs_f64(),

@@ -1,5 +1,5 @@
 //! The OS layer's Linux implementations against a real kernel: loop devices
-//! with `losetup`, device-mapper with `dmsetup` (linear and dm-clone),
+//! by ioctl, device-mapper with `dmsetup` (linear and dm-clone),
 //! ext4 and xfs with their tools, mounts and the file-system ioctls, and
 //! the dm-clone check.
 //!
@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use liveclone::os::dm::dmsetup::Dmsetup;
+use liveclone::os::dm::ioctl::DmIoctl;
 use liveclone::os::dm::{
     CloneCoreArgs, CloneFeatures, CloneMessage, CloneStatus, CloneTarget, DeviceMapper, DeviceRef,
     DmName, LinearTarget, MetadataMode, RegionSize, Sectors, SuspendFlush, Table, TableLine,
@@ -26,7 +26,7 @@ use liveclone::os::dm::{
 use liveclone::os::fs::linux::LinuxFilesystems;
 use liveclone::os::fs::{Filesystems, FsType};
 use liveclone::os::kernel::{Kernel, LinuxKernel};
-use liveclone::os::loopdev::losetup::Losetup;
+use liveclone::os::loopdev::ioctl::KernelLoops;
 use liveclone::os::loopdev::{LoopDevice, LoopDevices, LoopOptions};
 use liveclone::os::OsErrorKind;
 
@@ -158,7 +158,7 @@ struct LoopGuard {
 
 impl LoopGuard {
     fn attach(file: &Path, options: LoopOptions) -> Self {
-        let device = Losetup::new()
+        let device = KernelLoops::new()
             .attach(file, options)
             .unwrap_or_else(|error| panic!("attaching {}: {error}", file.display()));
         Self { device }
@@ -179,7 +179,7 @@ impl LoopGuard {
 
 impl Drop for LoopGuard {
     fn drop(&mut self) {
-        if let Err(error) = Losetup::new().detach(&self.device.device) {
+        if let Err(error) = KernelLoops::new().detach(&self.device.device) {
             eprintln!(
                 "cleanup: detaching {}: {error}",
                 self.device.device.display()
@@ -196,7 +196,7 @@ struct DmGuard {
 
 impl DmGuard {
     fn create(name: DmName, table: &Table) -> Self {
-        Dmsetup::new()
+        DmIoctl::new()
             .create(&name, table)
             .unwrap_or_else(|error| panic!("creating {name}: {error}"));
         Self { name }
@@ -209,7 +209,7 @@ impl DmGuard {
 
 impl Drop for DmGuard {
     fn drop(&mut self) {
-        let dm = Dmsetup::new();
+        let dm = DmIoctl::new();
         // A test that failed while the device was suspended would leave
         // remove waiting on it.
         let _ = dm.resume(&self.name);
@@ -258,7 +258,7 @@ impl Drop for MountGuard {
     }
 }
 
-fn status_report(dm: &Dmsetup, name: &DmName) -> liveclone::os::dm::CloneStatusReport {
+fn status_report(dm: &DmIoctl, name: &DmName) -> liveclone::os::dm::CloneStatusReport {
     let line = dm
         .clone_status(name)
         .unwrap_or_else(|error| panic!("status of {name}: {error}"));
@@ -273,7 +273,7 @@ fn status_report(dm: &Dmsetup, name: &DmName) -> liveclone::os::dm::CloneStatusR
 #[test]
 fn real_loop_attach_find_after_rename_resize_and_detach() {
     require_real_kernel();
-    let loops = Losetup::new();
+    let loops = KernelLoops::new();
     let fs = LinuxFilesystems::new();
     let dir = scratch();
     let a = sparse_file(&dir.path().join("a.img"), 16 * MIB);
@@ -371,7 +371,7 @@ fn real_loop_direct_io_falls_back_to_buffered_on_tmpfs() {
         .tempdir_in(shm)
         .expect("directory on tmpfs");
     let file = sparse_file(&dir.path().join("c.img"), 4 * MIB);
-    // tmpfs on 6.1 cannot open files with O_DIRECT: losetup fails with
+    // tmpfs on 6.1 cannot open files with O_DIRECT: the open fails with
     // EINVAL, and attach falls back to buffered I/O.
     let attached = LoopGuard::attach(&file, RW_DIRECT);
     assert!(!attached.device.direct_io);
@@ -385,8 +385,8 @@ fn real_loop_direct_io_falls_back_to_buffered_on_tmpfs() {
 #[test]
 fn real_dm_linear_create_info_table_suspend_reload_remove() {
     require_real_kernel();
-    let dm = Dmsetup::new();
-    let loops = Losetup::new();
+    let dm = DmIoctl::new();
+    let loops = KernelLoops::new();
     let fs = LinuxFilesystems::new();
     let dir = scratch();
     let backing = LoopGuard::attach(
@@ -530,8 +530,8 @@ fn real_dm_linear_create_info_table_suspend_reload_remove() {
 #[test]
 fn real_dm_clone_tunables_status_events_and_switch_to_linear() {
     require_real_kernel();
-    let dm = Dmsetup::new();
-    let loops = Losetup::new();
+    let dm = DmIoctl::new();
+    let loops = KernelLoops::new();
     let fs = LinuxFilesystems::new();
     let dir = scratch();
     let size = 16 * MIB;
@@ -630,7 +630,7 @@ fn real_dm_clone_tunables_status_events_and_switch_to_linear() {
     let waiter = {
         let name = name.clone();
         std::thread::spawn(move || {
-            Dmsetup::new().wait_event(&name, before, Duration::from_secs(300))
+            DmIoctl::new().wait_event(&name, before, Duration::from_secs(300))
         })
     };
     dm.message(&name, &CloneMessage::EnableHydration)
@@ -681,7 +681,7 @@ fn real_dm_clone_tunables_status_events_and_switch_to_linear() {
 fn real_ext4_format_mount_trim_freeze_grow_bind_and_usage() {
     require_real_kernel();
     let fs = LinuxFilesystems::new();
-    let loops = Losetup::new();
+    let loops = KernelLoops::new();
     let dir = scratch();
     let image = sparse_file(&dir.path().join("ext4.img"), 64 * MIB);
     let device = LoopGuard::attach(&image, RW_DIRECT);
@@ -896,7 +896,7 @@ fn real_ext4_format_mount_trim_freeze_grow_bind_and_usage() {
 fn real_xfs_reflink_grow_and_new_uuid_after_an_unclean_stop() {
     require_real_kernel();
     let fs = LinuxFilesystems::new();
-    let loops = Losetup::new();
+    let loops = KernelLoops::new();
     let dir = scratch();
     // mkfs.xfs refuses devices under 300 MiB. Sparse: little is written.
     let image = sparse_file(&dir.path().join("xfs.img"), 320 * MIB);

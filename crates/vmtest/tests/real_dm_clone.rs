@@ -157,7 +157,8 @@ fn real_clone_with_linear_tail_for_larger_destination() {
     verify_blocks(&clone.path(), dest_blocks, before);
 
     // Writes on both sides of the boundary.
-    let written = |i: u64| i % 9 == 0 || (source_blocks - 2..source_blocks + 2).contains(&i);
+    let written =
+        |i: u64| i.is_multiple_of(9) || (source_blocks - 2..source_blocks + 2).contains(&i);
     let file = open_direct(&clone.path());
     for i in (0..dest_blocks).filter(|&i| written(i)) {
         write_block_direct(&file, i, &pattern_block(EARLY_WRITE_SEED, i));

@@ -30,6 +30,9 @@ const METADATA: &str = "metadata";
 pub struct FilePool {
     root: PathBuf,
     os: Os,
+    /// Whether the pool's file system can reflink, probed once: it does not
+    /// change while the pool directory stays mounted.
+    reflink: std::sync::OnceLock<bool>,
 }
 
 impl std::fmt::Debug for FilePool {
@@ -65,7 +68,34 @@ impl FilePool {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir).map_err(|e| io_error("creating", &dir, e))?;
         }
-        Ok(Self { root, os })
+        Ok(Self {
+            root,
+            os,
+            reflink: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Reflinks a one-block scratch file in the pool root (a name no pool
+    /// item can have) and removes both files.
+    fn probe_reflink(&self) -> DomainResult<bool> {
+        let probe = self.root.join(".reflink-probe");
+        let copy = self.root.join(".reflink-probe.copy");
+        for stale in [&probe, &copy] {
+            match std::fs::remove_file(stale) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("removing", stale, e)),
+            }
+        }
+        std::fs::write(&probe, [0u8; 4096]).map_err(|e| io_error("writing", &probe, e))?;
+        let result = self.os.fs.reflink(&probe, &copy);
+        let _ = std::fs::remove_file(&copy);
+        let _ = std::fs::remove_file(&probe);
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind == OsErrorKind::Unsupported => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -238,7 +268,7 @@ impl Pool for FilePool {
         {
             return Ok(existing);
         }
-        // Check the file is ours and regular before handing it to losetup.
+        // Check the file is ours and regular before attaching it.
         drop(self.open_existing(item, false)?);
         let device = self.os.loops.attach(
             &self.path_of(item),
@@ -267,6 +297,15 @@ impl Pool for FilePool {
             Err(e) if e.kind == OsErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn instant_clone_supported(&self) -> DomainResult<bool> {
+        if let Some(known) = self.reflink.get() {
+            return Ok(*known);
+        }
+        let supported = self.probe_reflink()?;
+        tracing::info!(pool = %self.root.display(), supported, "probed the pool for reflink");
+        Ok(*self.reflink.get_or_init(|| supported))
     }
 
     fn clone_instant(&self, from: &Storage, to: &Storage) -> DomainResult<bool> {

@@ -954,6 +954,19 @@ mod tests {
     }
 
     #[test]
+    fn a_first_reading_before_the_start_is_not_counted_as_copied() {
+        // The monitor's order: the first reading (90% marked by the trim),
+        // then the start, then 1 MiB/s of copying.
+        let mut tracker = HydrationTracker::new(TOTAL, StallPolicy::default());
+        assert_eq!(tracker.observe(sample(secs(0), 900 * MIB)), None);
+        tracker.start(secs(0)).expect("start");
+        tracker.observe(sample(secs(0), 900 * MIB));
+        tracker.observe(sample(secs(4), 904 * MIB));
+        let progress = tracker.progress();
+        assert_eq!(progress.bytes_per_second, MIB as f64, "{progress:?}");
+    }
+
+    #[test]
     fn rate_is_averaged_over_the_window_and_gives_the_eta() {
         let mut tracker = started(0);
         // 10 MiB/s for 30 s, sampled every second.

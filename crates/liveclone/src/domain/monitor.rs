@@ -61,6 +61,7 @@ pub async fn run(engine: Arc<Engine>, config: MonitorConfig, mut shutdown: watch
     let events = Arc::new(Notify::new());
     let mut followed: BTreeMap<VolumeId, Followed> = BTreeMap::new();
     loop {
+        start_redirected_hydrations(&engine).await;
         let hydrating = {
             let engine = Arc::clone(&engine);
             match tokio::task::spawn_blocking(move || engine.hydrating_volumes()).await {
@@ -92,6 +93,36 @@ pub async fn run(engine: Arc<Engine>, config: MonitorConfig, mut shutdown: watch
         }
         if *shutdown.borrow() {
             return;
+        }
+    }
+}
+
+/// Trims and starts the copy-back of volumes that a redirect cut left
+/// reading from their image; a volume held by a CO call waits for the next
+/// round.
+async fn start_redirected_hydrations(engine: &Arc<Engine>) {
+    let waiting = {
+        let engine = Arc::clone(engine);
+        blocking(move || engine.redirected_awaiting_hydration()).await
+    };
+    let waiting = match waiting {
+        Ok(list) => list,
+        Err(e) => {
+            warn!("monitor: listing redirected volumes: {e}");
+            return;
+        }
+    };
+    for id in waiting {
+        let started = {
+            let (engine, id) = (Arc::clone(engine), id.clone());
+            blocking(move || engine.start_redirected_hydration(&id)).await
+        };
+        match started {
+            Ok(()) => {}
+            Err(e) if e.code == ErrorCode::Aborted => {
+                debug!(volume = %id, "redirected hydration postponed: {e}")
+            }
+            Err(e) => warn!(volume = %id, "starting the hydration of a redirected volume: {e}"),
         }
     }
 }
@@ -135,6 +166,10 @@ async fn round(
                 stall_after: config.stall_after,
             },
         );
+        // The first reading seeds the rate window before the start: what it
+        // shows hydrated was discarded by the trim (or copied before a
+        // restart), not copied at the rate about to be measured.
+        let _ = tracker.observe(observed.clone());
         if let Err(e) = tracker.start(now) {
             warn!(volume = %id, "monitor: {e}");
         }

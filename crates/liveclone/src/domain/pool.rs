@@ -74,6 +74,9 @@ pub trait Pool: Send + Sync {
     fn detach(&self, item: &Storage) -> DomainResult<()>;
     /// Every block device currently attached for the storage.
     fn attachments(&self, item: &Storage) -> DomainResult<Vec<BlockDevice>>;
+    /// Whether [`Pool::clone_instant`] can work here at all, so a cut on a
+    /// pool without it does not suspend its source just to find out.
+    fn instant_clone_supported(&self) -> DomainResult<bool>;
     /// Makes `to` an instant copy of `from` sharing its blocks. `Ok(false)`
     /// when the pool cannot (the caller then cuts by redirect).
     fn clone_instant(&self, from: &Storage, to: &Storage) -> DomainResult<bool>;

@@ -1,4 +1,4 @@
-//! Running the external tools the OS layer relies on (`dmsetup`, `losetup`,
+//! Running the external tools the OS layer relies on (`dmsetup`,
 //! `blkid`, the mkfs and resize tools, `mount`).
 //!
 //! Every command is an argument vector handed to `execve`, never a shell

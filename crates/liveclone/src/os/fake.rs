@@ -1083,6 +1083,7 @@ impl DeviceMapper for FakeOs {
         let mut state = self.lock();
         let mode = match flush {
             SuspendFlush::Flush => "flush",
+            SuspendFlush::FlushKeepFs => "flush-keep-fs",
             SuspendFlush::NoFlush => "noflush",
         };
         let call = state.begin("dm.suspend", format_args!("{name} {mode}"))?;
@@ -1108,6 +1109,13 @@ impl DeviceMapper for FakeOs {
             state.device_mut(&call, name)?.live = Some(new);
         }
         self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    fn clear_inactive(&self, name: &DmName) -> OsResult<()> {
+        let mut state = self.lock();
+        let call = state.begin("dm.clear_inactive", format_args!("{name}"))?;
+        state.device_mut(&call, name)?.inactive = None;
         Ok(())
     }
 

@@ -177,13 +177,19 @@ impl Engine {
             .table(&name)?
             .linear_replacement()
             .map_err(|e| DomainError::internal(format!("building the linear table: {e}")))?;
-        self.os.dm.suspend(&name, SuspendFlush::Flush)?;
-        let loaded = self.os.dm.load(&name, &linear);
-        // Resume whether or not the load worked: on failure the clone table
-        // stays live, which is still correct.
-        let resumed = self.os.dm.resume(&name);
-        loaded?;
-        resumed?;
+        // The linear table waits in the inactive slot before the suspend,
+        // so I/O is held only from the suspend to the resume (two ioctls),
+        // not across the table's construction. A crash in between leaves
+        // an unchecked inactive table, which recovery replaces with the
+        // recorded clone table before anything resumes it.
+        self.os.dm.load(&name, &linear)?;
+        if let Err(suspend_error) = self.os.dm.suspend(&name, SuspendFlush::FlushKeepFs) {
+            if let Err(e) = self.os.dm.clear_inactive(&name) {
+                warn!(volume = %id, "dropping the linear table after a failed suspend: {e}");
+            }
+            return Err(suspend_error.into());
+        }
+        self.os.dm.resume(&name)?;
         info!("switched to a linear table; the clone is independent of its source");
         self.finish_switch(record)?;
         Ok(true)

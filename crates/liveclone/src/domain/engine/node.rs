@@ -50,8 +50,9 @@ pub struct NodeStats {
     pub abnormal: Option<String>,
 }
 
-/// Mount options we pass to mount(8) as one comma-joined argument: each
-/// must be a plain `name` or `name=value` without separators.
+/// Mount options, which become mount(2) flags or the file system's
+/// comma-joined data string: each must be a plain `name` or `name=value`
+/// without separators.
 fn validate_mount_flags(flags: &[String]) -> DomainResult<Vec<String>> {
     flags
         .iter()

@@ -20,7 +20,7 @@ use super::{dm_name, Engine};
 use crate::domain::error::{DomainError, DomainResult};
 use crate::domain::ids::{SnapshotId, VolumeId};
 use crate::domain::model::{
-    unix_now, CutMethod, HydrationStage, SnapshotRecord, SnapshotState, VolumeRecord,
+    unix_now, CutMethod, HydrationStage, SnapshotRecord, SnapshotState, VolumeRecord, VolumeState,
 };
 use crate::domain::pool::Storage;
 use crate::domain::sizing::parse_parameters;
@@ -115,6 +115,12 @@ impl Engine {
         mut snapshot: SnapshotRecord,
     ) -> DomainResult<SnapshotRecord> {
         let volume = self.require_volume(&snapshot.source_volume)?;
+        if snapshot.method != Some(CutMethod::Redirect) && !self.pool.instant_clone_supported()? {
+            self.check_cuttable(&volume)?;
+            snapshot.method = Some(CutMethod::Redirect);
+            snapshot.source_generation = volume.generation;
+            self.snapshots.put(&snapshot)?;
+        }
         if snapshot.method != Some(CutMethod::Redirect) {
             self.check_cuttable(&volume)?;
             let image = Storage::Image(snapshot.id.clone());
@@ -178,6 +184,15 @@ impl Engine {
             )));
         }
         if !self.pool.exists(&image)? {
+            // Everything the new table needs is attached before the suspend,
+            // so the window holds only a rename and a table swap: the new
+            // data file and metadata exist already, and the image's
+            // read-only loop goes on the old data file now, because a loop
+            // device follows its inode through the rename.
+            self.pool.attach(&Self::data_of(&volume), false)?;
+            self.pool
+                .attach(&Storage::Metadata(volume.id.clone()), false)?;
+            self.pool.attach(&old_data, true)?;
             let cut = self.quiesce(&volume)?;
             self.pool.rename(&old_data, &image)?;
             let swapped = self
@@ -206,30 +221,69 @@ impl Engine {
                 self.os.loops.detach(&device.path)?;
             }
         }
+        // The volume stays `MetadataBound`, hydration off, reading what it
+        // has not rewritten from the image: correct, and all the cut's
+        // caller waits for. Trimming it (a walk of the whole file system)
+        // and enabling its hydration are the monitor's, through
+        // `start_redirected_hydration`, so the cost of a cut does not grow
+        // with the volume's size.
+        Ok(())
+    }
+
+    /// Volumes whose redirect cut is done but whose copy back into their
+    /// new data file has not started (see `start_redirected_hydration`).
+    pub fn redirected_awaiting_hydration(&self) -> DomainResult<Vec<VolumeId>> {
+        let mut waiting = Vec::new();
+        for volume in self.volumes.list()? {
+            let Some(hydration) = &volume.hydration else {
+                continue;
+            };
+            if volume.state != VolumeState::Ready || hydration.stage >= HydrationStage::Enabled {
+                continue;
+            }
+            // A cut that failed or is still running leaves the same stage
+            // before the swap; only a finished cut has its image ready.
+            let cut_done = self
+                .snapshots
+                .get(&hydration.source)?
+                .is_some_and(|s| s.state == SnapshotState::Ready);
+            if cut_done {
+                waiting.push(volume.id);
+            }
+        }
+        Ok(waiting)
+    }
+
+    /// Trims a volume redirected by a cut (through its mount, or a private
+    /// mount when it has none) and enables its hydration. Background work:
+    /// ABORTED while a CO call holds the volume; the monitor retries.
+    pub fn start_redirected_hydration(&self, id: &VolumeId) -> DomainResult<()> {
+        let span = info_span!("start_redirected_hydration", volume = %id);
+        let _entered = span.enter();
+        let _guard = self.locks.try_acquire_background([id])?;
+        if !self.redirected_awaiting_hydration()?.contains(id) {
+            return Ok(());
+        }
+        let mut volume = self.require_volume(id)?;
         if volume
             .hydration
             .as_ref()
             .is_some_and(|h| h.stage == HydrationStage::MetadataBound)
         {
-            self.trim_mounted(&volume);
+            self.trim_volume(&volume);
             volume = self.set_stage(volume, HydrationStage::Trimmed)?;
-            self.apply_hydration_settings(&volume)?;
         }
-        // Separate, so a retry after a failure between the two records
-        // still reaches Enabled (ensure_device above re-sent the settings).
-        if volume
-            .hydration
-            .as_ref()
-            .is_some_and(|h| h.stage == HydrationStage::Trimmed)
-        {
-            self.set_stage(volume, HydrationStage::Enabled)?;
-        }
+        self.apply_hydration_settings(&volume)?;
+        self.set_stage(volume, HydrationStage::Enabled)?;
+        info!("the redirected volume hydrates into its new data file");
         Ok(())
     }
 
-    /// Discards a mounted volume's free space through its clone target, so
-    /// background hydration skips it. Best effort.
-    fn trim_mounted(&self, volume: &VolumeRecord) {
+    /// Discards a volume's free space through its clone target, so
+    /// background hydration skips it: through its mount if it is mounted,
+    /// else through a private one. Best effort: without it hydration only
+    /// copies more.
+    fn trim_volume(&self, volume: &VolumeRecord) {
         let name = dm_name(&volume.id);
         let mounts = self
             .os
@@ -239,10 +293,17 @@ impl Engine {
             .flatten()
             .and_then(|info| self.os.fs.mounts_of(info.major, info.minor).ok())
             .unwrap_or_default();
-        if let Some(mount) = mounts.first() {
-            if let Err(e) = self.os.fs.trim(&mount.mount_point) {
-                warn!(volume = %volume.id, "trimming {} before hydration: {e}", mount.mount_point.display());
-            }
+        let trimmed = match mounts.first() {
+            Some(mount) => self
+                .os
+                .fs
+                .trim(&mount.mount_point)
+                .map(drop)
+                .map_err(DomainError::from),
+            None => self.trim_privately(volume).map(drop),
+        };
+        if let Err(e) = trimmed {
+            warn!(volume = %volume.id, "trimming before hydration: {e}");
         }
     }
 

@@ -233,6 +233,10 @@ impl DeviceMapper for SteppedOs {
         self.enter("dm.resume", name)?;
         self.fake.resume(name)
     }
+    fn clear_inactive(&self, name: &DmName) -> OsResult<()> {
+        self.enter("dm.clear_inactive", name)?;
+        self.fake.clear_inactive(name)
+    }
     fn remove(&self, name: &DmName) -> OsResult<()> {
         self.enter("dm.remove", name)?;
         DeviceMapper::remove(&self.fake, name)
@@ -419,6 +423,10 @@ impl Pool for SteppedPool {
     fn attachments(&self, item: &Storage) -> DomainResult<Vec<BlockDevice>> {
         self.enter("attachments", item)?;
         self.inner.attachments(item)
+    }
+    fn instant_clone_supported(&self) -> DomainResult<bool> {
+        self.enter("instant_clone_supported", "pool")?;
+        self.inner.instant_clone_supported()
     }
     fn clone_instant(&self, from: &Storage, to: &Storage) -> DomainResult<bool> {
         self.enter("clone_instant", format_args!("{from} -> {to}"))?;
@@ -790,7 +798,22 @@ impl Rig {
             .unwrap_or_else(|e| panic!("hydrating {id}: {e}"))
     }
 
+    /// What the monitor does first in every round: trim and start the
+    /// copy-back of volumes a redirect cut left waiting.
+    fn start_redirected(&self) {
+        for id in self
+            .engine
+            .redirected_awaiting_hydration()
+            .expect("listing redirected volumes")
+        {
+            self.engine
+                .start_redirected_hydration(&id)
+                .unwrap_or_else(|e| panic!("starting the hydration of {id}: {e}"));
+        }
+    }
+
     fn hydrate_all(&self, id: &VolumeId) {
+        self.start_redirected();
         let report = self.status(id);
         let after = self.hydrate(id, report.total_regions);
         assert_eq!(after, report.total_regions, "{id} hydrates to the end");
@@ -1145,7 +1168,16 @@ impl Rig {
                 length.0.saturating_sub(source_length.0)
             ));
         }
-        if hydration.stage != HydrationStage::Enabled && volume.state == VolumeState::Ready {
+        // A redirect cut leaves its volume reading from the image with
+        // hydration off until the monitor trims it and starts the copy.
+        let awaiting = self
+            .engine
+            .redirected_awaiting_hydration()
+            .is_ok_and(|ids| ids.contains(&volume.id));
+        if hydration.stage != HydrationStage::Enabled
+            && volume.state == VolumeState::Ready
+            && !awaiting
+        {
             problems.push(format!(
                 "volume {who}: ready but hydration stage {:?}",
                 hydration.stage
@@ -1366,7 +1398,7 @@ fn check_clone_setup_order(calls: &[String], clone: &VolumeId, trimmed: bool) {
 }
 
 /// The switch: flush of the clone device, then of the destination, then
-/// suspend, load linear, resume.
+/// load linear (inactive), suspend without freezing the file system, resume.
 fn check_switch_order(calls: &[String], clone: &VolumeId) {
     let name = dm_name(clone);
     let flush = expect_call(
@@ -1375,11 +1407,11 @@ fn check_switch_order(calls: &[String], clone: &VolumeId) {
         &format!("fs.flush {}", name.mapper_path().display()),
     );
     let flush_data = expect_call(calls, flush, "fs.flush /dev/loop");
-    let suspend = expect_call(calls, 0, &format!("dm.suspend {name} flush"));
     let load = expect_call(calls, 0, &format!("dm.load {name} linear"));
-    let resume = expect_call(calls, load, &format!("dm.resume {name}"));
+    let suspend = expect_call(calls, load, &format!("dm.suspend {name} flush-keep-fs"));
+    let resume = expect_call(calls, suspend, &format!("dm.resume {name}"));
     assert!(
-        flush < flush_data && flush_data < suspend && suspend < load && load < resume,
+        flush < flush_data && flush_data < load && load < suspend && suspend < resume,
         "switch out of order: {calls:#?}"
     );
 }
@@ -1872,6 +1904,13 @@ fn setup_source(rig: &mut Rig) {
     rig.fs_source(SOURCE);
 }
 
+fn setup_redirected_source(rig: &mut Rig) {
+    rig.fs_source(SOURCE);
+    rig.engine
+        .create_snapshot(SNAPSHOT, &vid(SOURCE))
+        .expect("snapshot by redirect");
+}
+
 fn setup_hydrating_clone(rig: &mut Rig) {
     let source = rig.fs_source(SOURCE);
     let clone = rig.clone_of(CLONE, &source);
@@ -1905,6 +1944,12 @@ fn op_snapshot_source(rig: &Rig) -> DomainResult<String> {
     rig.engine
         .create_snapshot(SNAPSHOT, &vid(SOURCE))
         .map(|record| record.id.to_string())
+}
+
+fn op_start_redirected(rig: &Rig) -> DomainResult<String> {
+    rig.engine
+        .start_redirected_hydration(&vid(SOURCE))
+        .map(|()| "started".to_owned())
 }
 
 fn op_delete_clone(rig: &Rig) -> DomainResult<String> {
@@ -2128,6 +2173,27 @@ fn verify_snapshot_redirect(rig: &Rig) -> Vec<String> {
     verify_cut(rig, &sid(SNAPSHOT), false, false)
 }
 
+fn verify_redirected_started(rig: &Rig) -> Vec<String> {
+    let mut problems = Vec::new();
+    let source = rig.record(&vid(SOURCE));
+    require(
+        &mut problems,
+        source
+            .as_ref()
+            .and_then(|s| s.hydration.as_ref())
+            .is_some_and(|h| h.stage == HydrationStage::Enabled),
+        || format!("the source's hydration is not enabled: {source:?}"),
+    );
+    require(
+        &mut problems,
+        rig.engine
+            .redirected_awaiting_hydration()
+            .is_ok_and(|ids| ids.is_empty()),
+        || "a volume still awaits its copy-back".to_owned(),
+    );
+    problems
+}
+
 fn verify_clone_deleted(rig: &Rig) -> Vec<String> {
     let mut problems = Vec::new();
     let clone = vid(CLONE);
@@ -2260,6 +2326,17 @@ fn crash_at_every_step_of_a_snapshot_by_redirect() {
         setup: setup_source,
         op: op_snapshot_source,
         verify: verify_snapshot_redirect,
+    });
+}
+
+#[test]
+fn crash_at_every_step_of_starting_a_redirected_hydration() {
+    run_crash_matrix(&Scenario {
+        name: "start the copy-back of a redirected source",
+        reflink: false,
+        setup: setup_redirected_source,
+        op: op_start_redirected,
+        verify: verify_redirected_started,
     });
 }
 

@@ -15,6 +15,7 @@ use crate::domain::model::{
 use crate::domain::pool::Storage;
 use crate::domain::sizing::{parse_parameters, CloneParameters, PARAMETER_PREFIX};
 use crate::os::dm::SECTOR_BYTES;
+use crate::os::fs::FsType;
 
 const MIB: u64 = 1 << 20;
 /// Size of a volume when the CO gives no capacity range.
@@ -340,20 +341,32 @@ impl Engine {
         Ok(record)
     }
 
-    /// Mounts a new file-system clone privately, discards its free space
-    /// (marking those regions hydrated without copying them), and unmounts.
+    /// Trims a new file-system clone through a private mount, then gives
+    /// an xfs clone its own UUID.
     fn trim_new_clone(&self, record: &VolumeRecord) -> DomainResult<()> {
+        if let Some(fs) = self.trim_privately(record)? {
+            self.os.fs.regenerate_uuid(&Self::device_path(record), fs)?;
+        }
+        Ok(())
+    }
+
+    /// Mounts a file-system volume that nothing else mounts privately,
+    /// discards its free space (marking those regions hydrated without
+    /// copying them), and unmounts. The file system trimmed, or `None` when
+    /// the volume is a block volume or holds no file system of its kind.
+    /// The caller holds the volume's lock, so no stage or publish races.
+    pub(super) fn trim_privately(&self, record: &VolumeRecord) -> DomainResult<Option<FsType>> {
         let Some(fs) = record.access.fs() else {
-            return Ok(());
+            return Ok(None);
         };
         let device = Self::device_path(record);
         match self.os.fs.probe(&device)? {
             Some(found) if found == fs.to_string() => {}
             Some(found) => {
-                warn!(volume = %record.id, "clone holds {found}, not {fs}; not trimming");
-                return Ok(());
+                warn!(volume = %record.id, "volume holds {found}, not {fs}; not trimming");
+                return Ok(None);
             }
-            None => return Ok(()),
+            None => return Ok(None),
         }
         let mount_point = self.config.work_dir.join("trim").join(record.id.as_str());
         std::fs::create_dir_all(&mount_point).map_err(|e| {
@@ -362,8 +375,11 @@ impl Engine {
         let _ = self.os.fs.unmount(&mount_point);
         let options = match fs {
             // The source may be mounted on this node with the same UUID.
-            crate::os::fs::FsType::Xfs => vec!["nouuid".to_owned()],
-            crate::os::fs::FsType::Ext4 => Vec::new(),
+            FsType::Xfs => vec!["nouuid".to_owned()],
+            // No lazy inode-table initialisation on this short mount: the
+            // kernel thread would start writing (and so hydrating) every
+            // never-used inode table of the clone, then hold up the unmount.
+            FsType::Ext4 => vec!["noinit_itable".to_owned()],
         };
         self.os.fs.mount(&device, &mount_point, fs, &options)?;
         let trimmed = self.os.fs.trim(&mount_point);
@@ -371,9 +387,8 @@ impl Engine {
         let trimmed = trimmed?;
         unmounted?;
         let _ = std::fs::remove_dir(&mount_point);
-        self.os.fs.regenerate_uuid(&device, fs)?;
-        info!(volume = %record.id, trimmed_bytes = trimmed, "free space of the clone discarded before hydration");
-        Ok(())
+        info!(volume = %record.id, trimmed_bytes = trimmed, "free space discarded before hydration");
+        Ok(Some(fs))
     }
 
     pub fn delete_volume(&self, id: &VolumeId) -> DomainResult<()> {

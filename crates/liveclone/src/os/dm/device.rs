@@ -1,7 +1,7 @@
 //! The device-mapper operations the driver uses, behind a trait.
 //!
-//! The Linux implementation ([`super::dmsetup::Dmsetup`]) runs `dmsetup`
-//! with an argument vector (never a shell string); tests use a fake.
+//! The Linux implementation ([`super::ioctl::DmIoctl`]) issues the kernel's
+//! device-mapper ioctls; tests use a fake.
 
 use std::fmt;
 use std::str::FromStr;
@@ -86,12 +86,20 @@ pub struct DmInfo {
     pub event_nr: u32,
 }
 
-/// Whether a suspend first lets queued I/O finish and flushes.
+/// Whether a suspend first lets queued I/O finish and flushes, and whether
+/// it freezes a file system mounted on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SuspendFlush {
     /// Normal suspend: in-flight I/O completes, the targets flush (for
-    /// dm-clone: metadata committed). Use before a switch or a cut.
+    /// dm-clone: metadata committed), and a mounted file system is frozen
+    /// until the resume (dm's `lock_fs`). Use for a cut, which must catch
+    /// the file system consistent.
     Flush,
+    /// As [`SuspendFlush::Flush`] but without freezing the file system
+    /// (`--nolockfs`). Use for a table swap that maps the same blocks (the
+    /// switch to linear): a freeze would write back the file system's dirty
+    /// data while I/O is held, for nothing.
+    FlushKeepFs,
     /// `--noflush`: queued I/O is held rather than completed.
     NoFlush,
 }
@@ -106,6 +114,8 @@ pub trait DeviceMapper: Send + Sync {
     fn load(&self, name: &DmName, table: &Table) -> OsResult<()>;
     fn suspend(&self, name: &DmName, flush: SuspendFlush) -> OsResult<()>;
     fn resume(&self, name: &DmName) -> OsResult<()>;
+    /// Drops a loaded but not yet resumed table; none loaded is success.
+    fn clear_inactive(&self, name: &DmName) -> OsResult<()>;
     /// Removes the device. Absent is success; open is `OsErrorKind::Busy`.
     fn remove(&self, name: &DmName) -> OsResult<()>;
     /// `None` when the device does not exist.

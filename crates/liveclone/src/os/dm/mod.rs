@@ -19,7 +19,7 @@
 //! * [`CloneMessage`]: the messages dm-clone accepts.
 
 pub mod device;
-pub mod dmsetup;
+pub mod ioctl;
 pub mod status;
 pub mod table;
 
@@ -91,7 +91,7 @@ impl Sectors {
     /// Exact conversion: `bytes` must be a multiple of 512, since
     /// device-mapper cannot address part of a sector.
     pub fn from_bytes(bytes: u64) -> Result<Self, SizeError> {
-        if bytes % SECTOR_BYTES == 0 {
+        if bytes.is_multiple_of(SECTOR_BYTES) {
             Ok(Sectors(bytes / SECTOR_BYTES))
         } else {
             Err(SizeError::NotSectorMultiple { bytes })

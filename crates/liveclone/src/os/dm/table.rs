@@ -239,7 +239,7 @@ impl CloneCoreArgs {
         if count > MAX_CORE_ARGS {
             return Err(invalid_count("dm-clone takes at most 4 core arguments"));
         }
-        if count % 2 != 0 {
+        if !count.is_multiple_of(2) {
             return Err(invalid_count(
                 "core arguments are key/value pairs, so their count is even",
             ));

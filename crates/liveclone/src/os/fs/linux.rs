@@ -1,7 +1,7 @@
 //! [`Filesystems`] on Linux: mount(2), umount2(2), statvfs and the
 //! file-system ioctls through `nix`; probing, formatting and resizing
 //! through the usual tools (`blkid`, `mkfs.ext4`, `mkfs.xfs`, `resize2fs`,
-//! `xfs_growfs`, `xfs_admin`) and mount(8) run with argument vectors.
+//! `xfs_growfs`, `xfs_admin`) run with argument vectors.
 //!
 //! Points the domain layer relies on:
 //!
@@ -45,7 +45,7 @@ use super::{Filesystems, FsType, FsUsage, MountInfo};
 use crate::os::command::ToolCommand;
 use crate::os::error::{OsError, OsErrorKind, OsResult};
 
-/// Time limit for quick tools (blkid, mount, xfs_admin).
+/// Time limit for quick tools (blkid, xfs_admin).
 pub const QUICK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time limit for tools whose work grows with the device (mkfs discards the
 /// whole device first; resize2fs and xfs_growfs write new group metadata).
@@ -222,12 +222,36 @@ impl Filesystems for LinuxFilesystems {
         command.arg(device).run().map(drop)
     }
 
+    /// mount(2) directly (mount(8) would cost a process per mount): the
+    /// generic options become flags, the rest go to the file system as its
+    /// data string, as mount(8) splits them.
     fn mount(&self, device: &Path, target: &Path, fs: FsType, options: &[String]) -> OsResult<()> {
-        let mut command = ToolCommand::new("mount", QUICK_TIMEOUT).args(["-t", &fs.to_string()]);
-        if !options.is_empty() {
-            command = command.args(["-o", &options.join(",")]);
-        }
-        command.arg(device).arg(target).run().map(drop)
+        let fs_name = fs.to_string();
+        let operation = format!(
+            "mount -t {fs_name} -o {} {} {}",
+            options.join(","),
+            device.display(),
+            target.display()
+        );
+        let (flags, data) = split_mount_options(options)
+            .map_err(|detail| OsError::new(OsErrorKind::Failed, operation.clone(), detail))?;
+        nix::mount::mount(
+            Some(device),
+            target,
+            Some(fs_name.as_str()),
+            flags,
+            (!data.is_empty()).then_some(data.as_str()),
+        )
+        .map_err(|errno| {
+            let mut error = errno_error(operation, device, errno);
+            if errno == Errno::EINVAL {
+                error.detail.push_str(
+                    " (an unknown or conflicting mount option, or no such file system on the \
+                     device; the kernel log says which)",
+                );
+            }
+            error
+        })
     }
 
     /// A read-only bind is made in two steps (the kernel ignores
@@ -471,6 +495,56 @@ fn open_dir(path: &Path) -> OsResult<File> {
         .map_err(|error| OsError::io("open", path, &error))
 }
 
+/// Splits mount(8)-style options into mount(2) flags and the file
+/// system's data string. Options only mount(8) itself acts on are refused
+/// (`bind`, `remount`, `loop`...) or, when they only concern fstab
+/// handling (`defaults`, `auto`, `nofail`, `_netdev`, `x-*`), dropped.
+fn split_mount_options(options: &[String]) -> Result<(MsFlags, String), String> {
+    let mut flags = MsFlags::empty();
+    let mut data: Vec<&str> = Vec::new();
+    for option in options {
+        let option = option.as_str();
+        let (set, clear) = match option {
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "lazytime" => (MsFlags::MS_LAZYTIME, MsFlags::empty()),
+            "nolazytime" => (MsFlags::empty(), MsFlags::MS_LAZYTIME),
+            "silent" => (MsFlags::MS_SILENT, MsFlags::empty()),
+            "loud" => (MsFlags::empty(), MsFlags::MS_SILENT),
+            "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "nouser" => continue,
+            _ if option.starts_with("x-") => continue,
+            "bind" | "rbind" | "remount" | "move" | "loop" | "user" | "users" | "owner"
+            | "group" => {
+                return Err(format!(
+                    "mount option {option:?} is not a file-system mount option"
+                ))
+            }
+            _ => {
+                data.push(option);
+                continue;
+            }
+        };
+        flags = (flags | set) - clear;
+    }
+    Ok((flags, data.join(",")))
+}
+
 /// The per-mount flags a read-only remount must repeat to keep them.
 fn inherited_flags(flags: FsFlags) -> MsFlags {
     let pairs = [
@@ -598,6 +672,30 @@ fn unescape(field: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn split(options: &[&str]) -> Result<(MsFlags, String), String> {
+        split_mount_options(&options.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn mount_options_split_into_flags_and_file_system_data() {
+        assert_eq!(split(&[]), Ok((MsFlags::empty(), String::new())));
+        assert_eq!(
+            split(&["ro", "noatime", "nouuid", "data=ordered", "nodev"]),
+            Ok((
+                MsFlags::MS_RDONLY | MsFlags::MS_NOATIME | MsFlags::MS_NODEV,
+                "nouuid,data=ordered".to_owned()
+            ))
+        );
+        // The last word wins, as with mount(8).
+        assert_eq!(split(&["ro", "rw"]), Ok((MsFlags::empty(), String::new())));
+        assert_eq!(
+            split(&["defaults", "x-systemd.automount", "_netdev", "discard"]),
+            Ok((MsFlags::empty(), "discard".to_owned()))
+        );
+        assert!(split(&["bind"]).is_err());
+        assert!(split(&["remount", "ro"]).is_err());
+    }
 
     #[test]
     fn ioctl_request_codes_match_the_kernel() {

@@ -1,9 +1,10 @@
 //! Loop devices, behind a trait.
 //!
-//! The Linux implementation ([`losetup::Losetup`]) runs `losetup` with an
-//! argument vector; tests use a fake.
+//! The Linux implementation ([`ioctl::KernelLoops`]) uses the kernel's loop
+//! ioctls and sysfs directly, without starting any process; tests use a
+//! fake.
 
-pub mod losetup;
+pub mod ioctl;
 
 use std::path::{Path, PathBuf};
 
@@ -28,7 +29,8 @@ pub struct LoopDevice {
     /// The backing file's identity; a path can be renamed, an inode cannot.
     pub backing_dev: u64,
     pub backing_inode: u64,
-    /// The path the kernel recorded at attach time (may be stale after a rename).
+    /// The backing file's path as the kernel shows it (sysfs): it follows a
+    /// rename and ends in ` (deleted)` once the file is unlinked.
     pub backing_file: PathBuf,
     pub read_only: bool,
     pub direct_io: bool,

@@ -1,0 +1,43 @@
+# Shared by the project's install scripts (source it, do not run it):
+# installs Debian packages that are missing, with one `apt-get update` at
+# most, as root or through sudo.
+
+apt_lib_log() { printf '%s: %s\n' "${APT_LIB_NAME:-apt}" "$*" >&2; }
+
+APT_SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null; then
+        apt_lib_log "error: run as root or install sudo"
+        exit 1
+    fi
+    APT_SUDO=(sudo)
+fi
+
+apt_updated=0
+apt_update_once() {
+    if [ "$apt_updated" -eq 0 ]; then
+        apt_lib_log "apt-get update"
+        "${APT_SUDO[@]}" apt-get update -qq
+        apt_updated=1
+    fi
+}
+
+missing_packages() {
+    local pkg
+    for pkg in "$@"; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+            printf '%s\n' "$pkg"
+        fi
+    done
+}
+
+install_packages() {
+    local missing
+    mapfile -t missing < <(missing_packages "$@")
+    if [ "${#missing[@]}" -gt 0 ]; then
+        apt_update_once
+        apt_lib_log "installing: ${missing[*]}"
+        "${APT_SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
