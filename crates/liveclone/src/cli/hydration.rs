@@ -64,7 +64,7 @@ pub async fn run(args: HydrationArgs) -> anyhow::Result<()> {
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
     if let Some(volume) = response.volume {
-        print!("{}", super::status::render_table(&[volume], false));
+        super::emit(&super::status::render_table(&[volume], false))?;
     }
     Ok(())
 }

@@ -41,3 +41,16 @@ pub enum Command {
 
 /// Default socket of a running driver, shared by every client command.
 pub const DEFAULT_ENDPOINT: &str = "unix:///csi/csi.sock";
+
+/// Writes command output to stdout; `false` when the reader went away
+/// (`liveclone status | head`). That is not an error worth a panic or a
+/// message: the output simply ends, as with other command-line tools.
+pub(crate) fn emit(text: &str) -> anyhow::Result<bool> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::anyhow!("writing to stdout: {e}")),
+    }
+}

@@ -178,15 +178,17 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             .into_inner()
             .volumes;
         if args.json {
-            println!("{}", render_json(&volumes)?);
+            super::emit(&format!("{}\n", render_json(&volumes)?))?;
             return Ok(());
         }
         if !args.watch {
-            print!("{}", render_table(&volumes, false));
+            super::emit(&render_table(&volumes, false))?;
             return Ok(());
         }
         // Clear the screen and home the cursor, then redraw.
-        print!("\x1b[2J\x1b[H{}", render_table(&volumes, true));
+        if !super::emit(&format!("\x1b[2J\x1b[H{}", render_table(&volumes, true)))? {
+            return Ok(());
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(args.interval.max(1))) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),

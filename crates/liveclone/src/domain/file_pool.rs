@@ -299,6 +299,39 @@ impl Pool for FilePool {
         }
     }
 
+    /// SEEK_DATA / SEEK_HOLE over the file. A file system without them
+    /// reports the whole file as data, which is only slower.
+    fn holes(&self, item: &Storage, length: u64) -> DomainResult<Vec<std::ops::Range<u64>>> {
+        use nix::unistd::{lseek, Whence};
+        let file = self.open_existing(item, false)?;
+        let path = self.path_of(item);
+        let offset = |position: u64| {
+            i64::try_from(position)
+                .map_err(|_| DomainError::internal(format!("offset {position} is out of range")))
+        };
+        let mut holes = Vec::new();
+        let mut position = 0u64;
+        while position < length {
+            let data = match lseek(&file, offset(position)?, Whence::SeekData) {
+                // ENXIO: no data at or after `position`.
+                Err(nix::errno::Errno::ENXIO) => length,
+                Err(errno) => return Err(io_error("SEEK_DATA in", &path, errno.into())),
+                Ok(at) => u64::try_from(at).unwrap_or(length).min(length),
+            };
+            if data > position {
+                holes.push(position..data);
+            }
+            if data >= length {
+                break;
+            }
+            position = match lseek(&file, offset(data)?, Whence::SeekHole) {
+                Err(errno) => return Err(io_error("SEEK_HOLE in", &path, errno.into())),
+                Ok(at) => u64::try_from(at).unwrap_or(length),
+            };
+        }
+        Ok(holes)
+    }
+
     fn instant_clone_supported(&self) -> DomainResult<bool> {
         if let Some(known) = self.reflink.get() {
             return Ok(*known);

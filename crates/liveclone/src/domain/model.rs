@@ -62,6 +62,11 @@ pub enum HydrationStage {
     /// The metadata volume is zeroed and bound to this destination and
     /// source. From here on it is only ever loaded, never zeroed.
     MetadataBound,
+    /// The regions where the source image is a hole were discarded on the
+    /// new clone (marked hydrated without copying: both sides read zeros).
+    /// Recorded before anything writes to the clone, because a discard
+    /// after that (the trim mount replays the journal) could drop data.
+    SourceHolesSkipped,
     /// The clone's free space was discarded (file systems only).
     Trimmed,
     /// Background hydration has been enabled at least once.

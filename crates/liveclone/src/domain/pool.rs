@@ -74,6 +74,10 @@ pub trait Pool: Send + Sync {
     fn detach(&self, item: &Storage) -> DomainResult<()>;
     /// Every block device currently attached for the storage.
     fn attachments(&self, item: &Storage) -> DomainResult<Vec<BlockDevice>>;
+    /// Byte ranges of the first `length` bytes of the storage that read as
+    /// zeros because nothing was ever written there (holes of a sparse
+    /// file), in order. An empty list when the pool cannot tell.
+    fn holes(&self, item: &Storage, length: u64) -> DomainResult<Vec<std::ops::Range<u64>>>;
     /// Whether [`Pool::clone_instant`] can work here at all, so a cut on a
     /// pool without it does not suspend its source just to find out.
     fn instant_clone_supported(&self) -> DomainResult<bool>;

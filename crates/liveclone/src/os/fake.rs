@@ -1722,7 +1722,7 @@ impl Filesystems for FakeOs {
             .create_new(true)
             .open(dest)
             .map_err(|e| OsError::io(&call, dest, &e))?;
-        std::io::copy(&mut input, &mut output).map_err(|e| OsError::io(&call, dest, &e))?;
+        copy_keeping_holes(&mut input, &mut output).map_err(|e| OsError::io(&call, dest, &e))?;
         let ids = (input.metadata(), output.metadata());
         if let (Ok(from), Ok(to)) = ids {
             let from = FileId::of_metadata(&from);
@@ -1731,6 +1731,41 @@ impl Filesystems for FakeOs {
                 state.signatures.insert(to, signature);
             } else {
                 state.signatures.remove(&to);
+            }
+        }
+        Ok(())
+    }
+
+    /// On a clone, whole regions inside the range count as hydrated (as
+    /// dm-clone marks them); elsewhere a discard changes nothing modelled.
+    fn discard(&self, device: &Path, offset: u64, length: u64) -> OsResult<()> {
+        let mut state = self.lock();
+        let call = state.begin(
+            "fs.discard",
+            format_args!("{} {offset}+{length}", device.display()),
+        )?;
+        let resolved = Self::resolve_device(&state, &call, device)?;
+        if resolved.read_only {
+            return Err(failed(
+                &call,
+                "Bad file descriptor: the device is read-only",
+            ));
+        }
+        if let DevId::Dm(minor) = resolved.id {
+            let clone = state.dm_by_minor(minor).and_then(|(name, dm)| {
+                Some((
+                    name.parse::<DmName>().ok()?,
+                    dm.live.as_ref()?.clone.clone()?,
+                ))
+            });
+            if let Some((name, sim)) = clone {
+                let region = sim.region_size.sectors().0 * SECTOR_BYTES;
+                let first = offset.div_ceil(region);
+                let end = (offset.saturating_add(length) / region).min(sim.total_regions);
+                let whole = end.saturating_sub(first);
+                let remaining = sim.total_regions - state.hydrated_of(&sim);
+                state.add_hydrated(&name, whole.min(remaining));
+                self.shared.changed.notify_all();
             }
         }
         Ok(())
@@ -1746,6 +1781,26 @@ impl Filesystems for FakeOs {
             .map(|_| ())
             .map_err(|e| OsError::io(&call, path, &e))
     }
+}
+
+/// A copy that leaves all-zero 4 KiB blocks unwritten, so holes stay
+/// holes as they do with a real reflink.
+fn copy_keeping_holes(input: &mut File, output: &mut File) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut block = [0u8; 4096];
+    let mut length = 0u64;
+    loop {
+        let read = input.read(&mut block)?;
+        if read == 0 {
+            break;
+        }
+        if block[..read].iter().any(|&b| b != 0) {
+            output.seek(SeekFrom::Start(length))?;
+            output.write_all(&block[..read])?;
+        }
+        length += read as u64;
+    }
+    output.set_len(length)
 }
 
 impl Kernel for FakeOs {

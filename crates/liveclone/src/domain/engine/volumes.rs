@@ -293,6 +293,14 @@ impl Engine {
             .as_ref()
             .is_some_and(|h| h.stage == HydrationStage::MetadataBound)
         {
+            self.skip_source_holes(&record)?;
+            record = self.set_stage(record, HydrationStage::SourceHolesSkipped)?;
+        }
+        if record
+            .hydration
+            .as_ref()
+            .is_some_and(|h| h.stage == HydrationStage::SourceHolesSkipped)
+        {
             self.trim_new_clone(&record)?;
             record = self.set_stage(record, HydrationStage::Trimmed)?;
             self.apply_hydration_settings(&record)?;
@@ -339,6 +347,39 @@ impl Engine {
         }
         self.volumes.put(&record)?;
         Ok(record)
+    }
+
+    /// Discards, on a new clone that nothing has written yet, every whole
+    /// region where the source image is a hole: dm-clone marks them
+    /// hydrated without copying, and the destination (a new sparse file)
+    /// reads zeros there just as the image does. This skips what a trim
+    /// cannot (never-written parts of a file system's own metadata, of a
+    /// raw block volume) and makes the trim's work smaller. Only before the
+    /// first write: a discard over data written through the clone would
+    /// drop it (see `HydrationStage::SourceHolesSkipped`).
+    fn skip_source_holes(&self, record: &VolumeRecord) -> DomainResult<()> {
+        let Some(hydration) = &record.hydration else {
+            return Ok(());
+        };
+        let region = hydration.region_sectors.saturating_mul(SECTOR_BYTES);
+        if region == 0 {
+            return Err(DomainError::internal("recorded region size is zero"));
+        }
+        let device = Self::device_path(record);
+        let mut skipped = 0u64;
+        for hole in self.pool.holes(
+            &Storage::Image(hydration.source.clone()),
+            hydration.source_bytes,
+        )? {
+            let start = hole.start.div_ceil(region).saturating_mul(region);
+            let end = hole.end / region * region;
+            if end > start {
+                self.os.fs.discard(&device, start, end - start)?;
+                skipped += end - start;
+            }
+        }
+        info!(volume = %record.id, skipped_bytes = skipped, "regions where the source is a hole marked hydrated without copying");
+        Ok(())
     }
 
     /// Trims a new file-system clone through a private mount, then gives

@@ -82,9 +82,15 @@ pub trait Filesystems: Send + Sync {
     /// The file system on `device` per blkid, `None` when blank. An
     /// unrecognised signature is `Some(name)` so nothing formats over data.
     fn probe(&self, device: &Path) -> OsResult<Option<String>>;
+    /// Formats a blank device. The device must read zeros everywhere: the
+    /// driver only formats volumes nothing has written (new sparse files,
+    /// or clones of such images), so ext4 can mark its inode tables as
+    /// initialised instead of leaving a kernel thread to write zeros over
+    /// all of them (1 GiB for 64 GiB) after the first mount, which every
+    /// clone would then copy.
     fn mkfs(&self, device: &Path, fs: FsType) -> OsResult<()>;
-    /// mount(8) of `device` on `target` with `options` (each validated by the
-    /// caller, joined with commas, passed as one argument).
+    /// mount(2) of `device` on `target` with `options` (each validated by
+    /// the caller: generic ones become flags, the rest the data string).
     fn mount(&self, device: &Path, target: &Path, fs: FsType, options: &[String]) -> OsResult<()>;
     /// Bind mount (file or directory), then a read-only remount if asked.
     fn bind_mount(&self, source: &Path, target: &Path, read_only: bool) -> OsResult<()>;
@@ -112,4 +118,7 @@ pub trait Filesystems: Send + Sync {
     fn reflink(&self, source: &Path, dest: &Path) -> OsResult<()>;
     /// fsync of a block device or file: a flush that reaches stable storage.
     fn flush(&self, path: &Path) -> OsResult<()>;
+    /// BLKDISCARD of `length` bytes at `offset` of a block device (both
+    /// multiples of 512).
+    fn discard(&self, device: &Path, offset: u64, length: u64) -> OsResult<()>;
 }
