@@ -7,9 +7,11 @@
 //! * [`os`]: device-mapper, loop devices, mounts, behind traits with real
 //!   Linux implementations.
 //! * [`proto`]: code generated from the vendored CSI spec.
+//! * [`k8s`]: Kubernetes mode's custom resources.
 
 pub mod cli;
 pub mod domain;
 pub mod grpc;
+pub mod k8s;
 pub mod os;
 pub mod proto;

@@ -60,6 +60,7 @@ fn main() -> ExitCode {
             }
             Command::Status(args) => cli::status::run(args).await,
             Command::Hydration(args) => cli::hydration::run(args).await,
+            Command::Crdgen(args) => cli::crdgen::run(args),
         }
     });
     // Blocking tasks (a device-mapper event wait) may still run; they hold

@@ -1,5 +1,6 @@
 //! The `liveclone` command line.
 
+pub mod crdgen;
 pub mod hydration;
 pub mod serve;
 pub mod status;
@@ -37,6 +38,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Pause, resume or tune a clone's hydration.
     Hydration(hydration::HydrationArgs),
+    /// Print the CustomResourceDefinitions of Kubernetes mode as YAML.
+    Crdgen(crdgen::CrdgenArgs),
 }
 
 /// Default socket of a running driver, shared by every client command.

@@ -52,6 +52,14 @@ pub struct ServeArgs {
     /// reported as stalled.
     #[arg(long, default_value_t = 30.0)]
     pub stall_after_seconds: f64,
+    /// Size in KiB of the pieces in which the kernel's copier (kcopyd)
+    /// splits each hydration copy: dm-mod's node-wide
+    /// `kcopyd_subjob_size_kb`, which also applies to other device-mapper
+    /// copies on the node (mirrors, snapshots). Larger pieces mean fewer,
+    /// bigger I/Os; the kernel's default is 512 and its maximum 1024.
+    /// 0 leaves the node's setting alone.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub kcopyd_subjob_kib: u32,
 }
 
 /// Which CSI services a process serves. Every mode runs the engine on this
@@ -134,6 +142,19 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
         ..MonitorConfig::default()
     };
     let _state_lock = lock_state_dir(&args.state_dir)?;
+    // Before recovery loads any table: each clone table's copier takes the
+    // value current when it is created.
+    if args.kcopyd_subjob_kib > 0 {
+        match os.kernel.set_kcopyd_subjob_kib(args.kcopyd_subjob_kib) {
+            Ok(previous) if previous != args.kcopyd_subjob_kib => info!(
+                previous,
+                now = args.kcopyd_subjob_kib,
+                "set dm-mod's kcopyd_subjob_size_kb (hydration copies in larger pieces)"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!("cannot set dm-mod's kcopyd_subjob_size_kb: {e}; hydration copies in the kernel's default pieces"),
+        }
+    }
     let engine = Arc::new(build_engine(&args, node_id.clone(), os)?);
     info!(?mode, node = %node_id, pool = %engine.pool().describe(), "starting");
 

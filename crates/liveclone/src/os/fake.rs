@@ -245,6 +245,8 @@ struct State {
     trim_discard_percent: u8,
     reflink_supported: bool,
     dm_clone_error: Option<(OsErrorKind, String)>,
+    /// dm-mod's `kcopyd_subjob_size_kb` (the kernel's default is 512).
+    kcopyd_subjob_kib: u32,
     usage_overrides: BTreeMap<PathBuf, FsUsage>,
     hazards: Vec<String>,
 }
@@ -282,6 +284,7 @@ impl FakeOs {
                     trim_discard_percent: 0,
                     reflink_supported: true,
                     dm_clone_error: None,
+                    kcopyd_subjob_kib: 512,
                     usage_overrides: BTreeMap::new(),
                     hazards: Vec::new(),
                 }),
@@ -1811,6 +1814,12 @@ impl Kernel for FakeOs {
             Some((kind, detail)) => Err(OsError::new(*kind, call, detail.clone())),
             None => Ok(DM_CLONE_VERSION.to_owned()),
         }
+    }
+
+    fn set_kcopyd_subjob_kib(&self, kib: u32) -> OsResult<u32> {
+        let mut state = self.lock();
+        state.begin("kernel.set_kcopyd_subjob_kib", format_args!("{kib}"))?;
+        Ok(std::mem::replace(&mut state.kcopyd_subjob_kib, kib))
     }
 }
 

@@ -1,15 +1,23 @@
 //! What the running kernel offers.
 
+use std::path::Path;
+
 use crate::os::error::{OsError, OsErrorKind, OsResult};
 
-/// Kernel feature checks.
+/// Kernel feature checks and node-wide settings.
 pub trait Kernel: Send + Sync {
     /// Loads `dm-clone` if needed (modprobe) and returns its version from
     /// the device-mapper target list, or an error that says what is missing.
     fn ensure_dm_clone(&self) -> OsResult<String>;
+    /// Sets dm-mod's `kcopyd_subjob_size_kb` (the size of the pieces in
+    /// which kcopyd, dm-clone's copier, splits every copy; the kernel
+    /// clamps it to 1024) and returns the value it had. It applies to
+    /// copiers created afterwards, i.e. to tables loaded from then on.
+    fn set_kcopyd_subjob_kib(&self, kib: u32) -> OsResult<u32>;
 }
 
-/// The running kernel, asked through `modprobe` and `dmsetup targets`.
+/// The running kernel, asked through device-mapper's target list ioctl
+/// (and `modprobe` when dm-clone is not loaded yet).
 #[derive(Debug, Clone, Default)]
 pub struct LinuxKernel {
     _private: (),
@@ -19,47 +27,55 @@ pub struct LinuxKernel {
 /// dm-persistent-data) from slow storage.
 const KERNEL_TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+const KCOPYD_SUBJOB_PARAMETER: &str = "/sys/module/dm_mod/parameters/kcopyd_subjob_size_kb";
+
 impl LinuxKernel {
     pub fn new() -> Self {
         Self::default()
     }
 }
 
+/// The version of the `clone` target among the registered targets.
+fn listed_clone_version() -> OsResult<Option<String>> {
+    let control = devicemapper::DM::new().map_err(|e| {
+        OsError::new(
+            OsErrorKind::Unsupported,
+            "open /dev/mapper/control",
+            format!("{e}; is dm-mod loaded and /dev/mapper/control present in this container?"),
+        )
+    })?;
+    let targets = control
+        .list_versions()
+        .map_err(|e| OsError::new(OsErrorKind::Failed, "DM_LIST_VERSIONS", e.to_string()))?;
+    Ok(targets
+        .into_iter()
+        .find(|(name, ..)| name == crate::os::dm::CLONE_TARGET_TYPE)
+        .map(|(_, major, minor, patch)| format!("{major}.{minor}.{patch}")))
+}
+
 impl Kernel for LinuxKernel {
-    /// Runs `modprobe dm-clone` first and tolerates its failure: the target
-    /// may be built in (`CONFIG_DM_CLONE=y`) or already loaded, and inside a
-    /// container without `/lib/modules` modprobe fails anyway. The target
-    /// list is what decides.
+    /// Asks the target list first: the health check runs this every few
+    /// seconds, and a loaded target needs no process. Otherwise runs
+    /// `modprobe dm-clone` and tolerates its failure: the target may be
+    /// built in, and inside a container without `/lib/modules` modprobe
+    /// fails anyway. The target list is what decides.
     fn ensure_dm_clone(&self) -> OsResult<String> {
         use crate::os::command::ToolCommand;
 
-        let modprobe = ToolCommand::new("modprobe", KERNEL_TOOL_TIMEOUT).arg("dm-clone");
-        let modprobe_failure = match modprobe.run() {
-            Ok(_) => None,
-            Err(error) => {
-                tracing::debug!(%error, "modprobe dm-clone failed; checking the target list anyway");
-                Some(error)
-            }
-        };
         let release = nix::sys::utsname::uname()
             .map(|uts| uts.release().to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".to_owned());
-        let targets = ToolCommand::new("dmsetup", KERNEL_TOOL_TIMEOUT)
-            .env("DM_DISABLE_UDEV", "1")
-            .arg("targets")
-            .run()
-            .map_err(|error| {
-                OsError::new(
-                    OsErrorKind::Unsupported,
-                    error.operation,
-                    format!(
-                        "{}; device-mapper itself is unavailable on kernel {release} \
-                         (is dm-mod loaded and /dev/mapper/control present in this container?)",
-                        error.detail
-                    ),
-                )
-            })?;
-        match clone_target_version(&targets.stdout) {
+        let mut modprobe_failure = None;
+        let mut version = listed_clone_version()?;
+        if version.is_none() {
+            let modprobe = ToolCommand::new("modprobe", KERNEL_TOOL_TIMEOUT).arg("dm-clone");
+            if let Err(error) = modprobe.run() {
+                tracing::debug!(%error, "modprobe dm-clone failed; checking the target list anyway");
+                modprobe_failure = Some(error);
+            }
+            version = listed_clone_version()?;
+        }
+        match version {
             Some(version) => {
                 if kernel_predates_fixes(&release) {
                     tracing::warn!(
@@ -72,23 +88,32 @@ impl Kernel for LinuxKernel {
             }
             None => Err(OsError::new(
                 OsErrorKind::Unsupported,
-                "modprobe dm-clone; dmsetup targets",
+                "modprobe dm-clone; DM_LIST_VERSIONS",
                 missing_dm_clone_message(&release, modprobe_failure.as_ref()),
             )),
         }
     }
-}
 
-/// The version of the `clone` target in `dmsetup targets` output
-/// (`clone            v1.0.0`), without the `v`.
-fn clone_target_version(targets: &str) -> Option<String> {
-    targets.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        (fields.next() == Some(crate::os::dm::CLONE_TARGET_TYPE))
-            .then(|| fields.next())
-            .flatten()
-            .map(|version| version.trim_start_matches('v').to_owned())
-    })
+    fn set_kcopyd_subjob_kib(&self, kib: u32) -> OsResult<u32> {
+        let path = Path::new(KCOPYD_SUBJOB_PARAMETER);
+        let read = || -> OsResult<u32> {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| OsError::io("reading", path, &e))?;
+            text.trim().parse().map_err(|_| {
+                OsError::new(
+                    OsErrorKind::Failed,
+                    format!("reading {}", path.display()),
+                    format!("{text:?} is not a number"),
+                )
+            })
+        };
+        let previous = read()?;
+        if previous != kib {
+            std::fs::write(path, format!("{kib}\n"))
+                .map_err(|e| OsError::io("writing", path, &e))?;
+        }
+        Ok(previous)
+    }
 }
 
 /// Whether the release (`6.1.0-56-amd64`, `5.4.0-42-generic`) is older than
@@ -109,7 +134,7 @@ fn missing_dm_clone_message(release: &str, modprobe_failure: Option<&OsError>) -
         None => "`modprobe dm-clone` succeeded but registered no target".to_owned(),
     };
     format!(
-        "the kernel {release} has no dm-clone target: `dmsetup targets` lists no `clone` and \
+        "the kernel {release} has no dm-clone target: device-mapper lists no `clone` target and \
          {modprobe}. liveclone needs dm-clone (kernel option CONFIG_DM_CLONE, Linux 5.7 or \
          later). Fedora and Arch build it; Debian 12, RHEL 9 and its derivatives, Talos and \
          Flatcar do not. Run the node on a kernel built with CONFIG_DM_CLONE=m or =y, or build \
@@ -121,23 +146,6 @@ fn missing_dm_clone_message(release: &str, modprobe_failure: Option<&OsError>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_the_clone_target_version() {
-        // Captured in the test VM.
-        let targets =
-            "snapshot-merge   v1.5.0\nsnapshot-origin  v1.9.0\nsnapshot         v1.16.0\n\
-                       clone            v1.0.0\nstriped          v1.6.0\nlinear           v1.4.0\n\
-                       error            v1.5.0\n";
-        assert_eq!(clone_target_version(targets), Some("1.0.0".to_owned()));
-        assert_eq!(
-            clone_target_version("linear           v1.4.0\nerror            v1.5.0\n"),
-            None
-        );
-        // A target whose name merely starts with "clone" is not it.
-        assert_eq!(clone_target_version("clone-ish v9.9.9\n"), None);
-        assert_eq!(clone_target_version(""), None);
-    }
 
     #[test]
     fn flags_kernels_older_than_5_7() {

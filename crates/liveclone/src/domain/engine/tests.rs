@@ -366,6 +366,10 @@ impl Kernel for SteppedOs {
         self.enter("kernel.ensure_dm_clone", "")?;
         self.fake.ensure_dm_clone()
     }
+    fn set_kcopyd_subjob_kib(&self, kib: u32) -> OsResult<u32> {
+        self.enter("kernel.set_kcopyd_subjob_kib", kib)?;
+        self.fake.set_kcopyd_subjob_kib(kib)
+    }
 }
 
 /// The file pool behind the step counter (its own OS calls are steps too:
