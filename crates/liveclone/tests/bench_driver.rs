@@ -30,41 +30,25 @@
 //! runs `real_*`) never runs it. In the VM as root, or on a host with
 //! dm-clone when `LIVECLONE_TEST_ON_HOST=1`.
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::ffi::OsStr;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context as _};
-use liveclone::grpc::client::connect_unix;
-use liveclone::proto::admin::v1alpha1 as admin;
-use liveclone::proto::admin::v1alpha1::admin_client::AdminClient;
+use common::{
+    describe, drop_caches, fs_usage, require_real_kernel, say, sha256_hex, try_clone_status,
+    try_dm_table, try_open_direct, try_run, Access, Aligned, Bench, Csi, LoopDevice, OwnDevice,
+    Pool, RpcResult, Source, BLOCK, DM_PREFIX, GIB, INFO_LOG, KIB, LOG_TAIL, MIB, SLOW,
+};
 use liveclone::proto::admin::v1alpha1::set_hydration_request::Action;
-use liveclone::proto::csi::v1 as csi;
-use liveclone::proto::csi::v1::controller_client::ControllerClient;
-use liveclone::proto::csi::v1::identity_client::IdentityClient;
-use liveclone::proto::csi::v1::node_client::NodeClient;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
-
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
-const BLOCK: usize = 4096;
-const BIN: &str = env!("CARGO_BIN_EXE_liveclone");
-const NODE_ID: &str = "bench-node";
-const DM_PREFIX: &str = "liveclone-";
-const START_LIMIT: Duration = Duration::from_secs(90);
-const STOP_LIMIT: Duration = Duration::from_secs(20);
-const LOG_TAIL: usize = 200;
 
 /// Figure 1: the two source sizes, and the data both hold.
 const SMALL_SOURCE: u64 = GIB;
@@ -128,8 +112,8 @@ async fn bench_driver() {
     let wanted = Figures::from_env();
     // Figure 1 needs a pool larger than 64 GiB: its own driver and pool.
     if wanted.has(1) {
-        let mut bench = Bench::new("fig1", true);
-        let result = match bench.start_driver().await {
+        let mut bench = bench("fig1", Pool::LargeExt4(BIG_POOL_BYTES));
+        let result = match start_driver(&mut bench).await {
             Ok(mut csi) => figure_1(&mut bench, &mut csi, &mut report).await,
             Err(e) => Err(e),
         };
@@ -138,8 +122,8 @@ async fn bench_driver() {
 
     // Figures 2 to 5: the pool on the scratch disk's own ext4.
     if [2, 3, 4, 5].iter().any(|&f| wanted.has(f)) {
-        let mut bench = Bench::new("fig2-5", false);
-        match bench.start_driver().await {
+        let mut bench = bench("fig2-5", Pool::Ext4);
+        match start_driver(&mut bench).await {
             Ok(mut csi) => {
                 if wanted.has(3) {
                     let result = figure_3(&mut bench, &mut csi, &mut report).await;
@@ -220,11 +204,12 @@ async fn raw_source_figures(
 // Figure 1: clone of a volume to a published, mounted clone.
 
 async fn figure_1(bench: &mut Bench, csi: &mut Csi, report: &mut Report) -> anyhow::Result<()> {
+    // The pool folder is in the big image's file system.
     let big = bench
-        .big_pool
-        .as_ref()
-        .map(|pool| pool.mount_point.clone())
-        .context("figure 1 runs on the big pool")?;
+        .pool
+        .parent()
+        .context("the pool folder has a parent")?
+        .to_owned();
 
     // Baseline: dd of 1 GiB between two files, on the scratch disk's own
     // ext4 and in the pool's file system; the faster one is the baseline.
@@ -318,7 +303,7 @@ const TOOL_RUNS: u32 = 10;
 fn tool_start_cost() -> anyhow::Result<Duration> {
     let started = Instant::now();
     for _ in 0..TOOL_RUNS {
-        run("dmsetup", &["version".as_ref()])?;
+        try_run("dmsetup", &["version".as_ref()])?;
     }
     Ok(started.elapsed() / TOOL_RUNS)
 }
@@ -379,10 +364,16 @@ async fn clone_to_mount(
             None,
             &[],
         )
-        .await?;
+        .await
+        .rpc("CreateVolume")?;
     let mkfs_started = Instant::now();
-    let source_mount = bench
-        .stage_publish(csi, &source.volume_id, Access::Ext4, &format!("{tag}-src"))
+    let source_mount = csi
+        .try_stage_publish(
+            &bench.mnt,
+            &source.volume_id,
+            Access::Ext4,
+            &format!("{tag}-src"),
+        )
         .await?;
     let source_mkfs = mkfs_started.elapsed();
     let seed = 100 + round as u64;
@@ -407,10 +398,16 @@ async fn clone_to_mount(
             Some(Source::Volume(&source.volume_id)),
             &[],
         )
-        .await?;
+        .await
+        .rpc("CreateVolume")?;
     let create = started.elapsed();
-    let (clone_mount, stage, publish) = bench
-        .stage_publish_timed(csi, &clone.volume_id, Access::Ext4, &format!("{tag}-clone"))
+    let (clone_mount, stage, publish) = csi
+        .try_stage_publish_timed(
+            &bench.mnt,
+            &clone.volume_id,
+            Access::Ext4,
+            &format!("{tag}-clone"),
+        )
         .await?;
     let forks = forks_since_boot()? - forks_before;
     let timing = CloneTiming {
@@ -426,16 +423,20 @@ async fn clone_to_mount(
     // Not timed: the clone holds the source's files.
     let target = clone_mount.target.clone();
     blocking(move || verify_file(&target, FIG1_FILES - 1, seed)).await?;
-    let hydration = csi.hydration_of(&clone.volume_id).await?;
+    let hydration = csi.try_hydration_of(&clone.volume_id).await?;
     bench.step(&format!(
         "{tag}: the clone reads the source's files; {}",
         describe(&hydration)
     ));
 
-    bench.unpublish_unstage(csi, &clone_mount).await?;
-    csi.delete_volume(&clone.volume_id).await?;
-    bench.unpublish_unstage(csi, &source_mount).await?;
-    csi.delete_volume(&source.volume_id).await?;
+    csi.try_unpublish_unstage(&clone_mount).await?;
+    csi.delete_volume(&clone.volume_id)
+        .await
+        .rpc("DeleteVolume")?;
+    csi.try_unpublish_unstage(&source_mount).await?;
+    csi.delete_volume(&source.volume_id)
+        .await
+        .rpc("DeleteVolume")?;
     Ok(timing)
 }
 
@@ -470,9 +471,10 @@ impl RawSource {
     async fn new(bench: &mut Bench, csi: &mut Csi) -> anyhow::Result<Self> {
         let volume = csi
             .create_volume(&bench.name("raw-src"), RAW_SOURCE, Access::Block, None, &[])
-            .await?;
-        let mounted = bench
-            .stage_publish(csi, &volume.volume_id, Access::Block, "raw-src")
+            .await
+            .rpc("CreateVolume")?;
+        let mounted = csi
+            .try_stage_publish(&bench.mnt, &volume.volume_id, Access::Block, "raw-src")
             .await?;
         let target = mounted.target.clone();
         let started = Instant::now();
@@ -485,9 +487,12 @@ impl RawSource {
         ));
         let snapshot = csi
             .create_snapshot(&bench.name("raw-snap"), &volume.volume_id)
-            .await?;
-        bench.unpublish_unstage(csi, &mounted).await?;
-        csi.delete_volume(&volume.volume_id).await?;
+            .await
+            .rpc("CreateSnapshot")?;
+        csi.try_unpublish_unstage(&mounted).await?;
+        csi.delete_volume(&volume.volume_id)
+            .await
+            .rpc("DeleteVolume")?;
         bench.step(&format!(
             "snapshot {} cut; source volume deleted",
             snapshot.snapshot_id
@@ -498,7 +503,9 @@ impl RawSource {
     }
 
     async fn remove(&self, csi: &mut Csi) -> anyhow::Result<()> {
-        csi.delete_snapshot(&self.snapshot_id).await
+        csi.delete_snapshot(&self.snapshot_id)
+            .await
+            .rpc("DeleteSnapshot")
     }
 }
 
@@ -672,7 +679,8 @@ async fn hydrate_and_follow(
             Some(Source::Snapshot(&source.snapshot_id)),
             parameters,
         )
-        .await?;
+        .await
+        .rpc("CreateVolume")?;
     let enabled = Instant::now();
     let name = format!("{DM_PREFIX}{}", clone.volume_id);
     let mut samples: Vec<(f64, u64)> = Vec::new();
@@ -685,7 +693,7 @@ async fn hydrate_and_follow(
         let before = enabled.elapsed().as_secs_f64();
         let status = {
             let name = name.clone();
-            blocking(move || clone_status(&name)).await?
+            blocking(move || try_clone_status(&name)).await?
         };
         let after = enabled.elapsed().as_secs_f64();
         match status {
@@ -706,7 +714,7 @@ async fn hydrate_and_follow(
         }
         if to_full.is_some() || last_phase_check.elapsed() >= Duration::from_secs(2) {
             last_phase_check = Instant::now();
-            let hydration = csi.hydration_of(&clone.volume_id).await?;
+            let hydration = csi.try_hydration_of(&clone.volume_id).await?;
             ensure!(
                 hydration.phase != "Failed",
                 "hydration of {} failed: {}",
@@ -751,7 +759,9 @@ async fn hydrate_and_follow(
         at_enable: samples.first().map_or(0, |s| s.1) * region_bytes,
     };
     bench.step(&format!("f2 {label}: {}", trace.describe()));
-    csi.delete_volume(&clone.volume_id).await?;
+    csi.delete_volume(&clone.volume_id)
+        .await
+        .rpc("DeleteVolume")?;
     Ok(trace)
 }
 
@@ -788,8 +798,8 @@ async fn loop_dd_baseline(
         File::create(&dst)
             .and_then(|f| f.set_len(bytes))
             .with_context(|| format!("creating {}", dst.display()))?;
-        let src_loop = LoopDevice::attach(&src, true)?;
-        let dst_loop = LoopDevice::attach(&dst, false)?;
+        let src_loop = LoopDevice::attach_direct(&src, true)?;
+        let dst_loop = LoopDevice::attach_direct(&dst, false)?;
         drop_caches();
         let took = dd_copy(&src_loop.path, &dst_loop.path, bytes, block);
         drop(dst_loop);
@@ -806,9 +816,10 @@ async fn loop_dd_baseline(
 async fn figure_3(bench: &mut Bench, csi: &mut Csi, report: &mut Report) -> anyhow::Result<()> {
     let source = csi
         .create_volume(&bench.name("f3-src"), FIG3_VOLUME, Access::Ext4, None, &[])
-        .await?;
-    let mounted = bench
-        .stage_publish(csi, &source.volume_id, Access::Ext4, "f3-src")
+        .await
+        .rpc("CreateVolume")?;
+    let mounted = csi
+        .try_stage_publish(&bench.mnt, &source.volume_id, Access::Ext4, "f3-src")
         .await?;
     let target = mounted.target.clone();
     blocking(move || write_files(&target, FIG3_FILES, 300)).await?;
@@ -829,18 +840,17 @@ async fn figure_3(bench: &mut Bench, csi: &mut Csi, report: &mut Report) -> anyh
             FIG3_VOLUME,
             Access::Ext4,
             Some(Source::Volume(&source.volume_id)),
-            &[
-                ("liveclone.io/hydrationThreshold", "1"),
-                ("liveclone.io/hydrationBatchSize", "1"),
-            ],
+            &SLOW,
         )
-        .await?;
+        .await
+        .rpc("CreateVolume")?;
     csi.set_hydration(&clone.volume_id, Action::Pause, None, None)
-        .await?;
+        .await
+        .rpc("SetHydration")?;
     let name = format!("{DM_PREFIX}{}", clone.volume_id);
     let at_pause = {
         let name = name.clone();
-        blocking(move || clone_status(&name))
+        blocking(move || try_clone_status(&name))
             .await?
             .context("the new clone has no clone target")?
     };
@@ -856,8 +866,10 @@ async fn figure_3(bench: &mut Bench, csi: &mut Csi, report: &mut Report) -> anyh
     ));
     // The source would copy itself back (redirect cut) meanwhile: not
     // measured, so removed.
-    bench.unpublish_unstage(csi, &mounted).await?;
-    csi.delete_volume(&source.volume_id).await?;
+    csi.try_unpublish_unstage(&mounted).await?;
+    csi.delete_volume(&source.volume_id)
+        .await
+        .rpc("DeleteVolume")?;
 
     let started = Instant::now();
     csi.set_hydration(
@@ -866,10 +878,14 @@ async fn figure_3(bench: &mut Bench, csi: &mut Csi, report: &mut Report) -> anyh
         Some(DEFAULT_THRESHOLD),
         Some(DEFAULT_BATCH),
     )
-    .await?;
+    .await
+    .rpc("SetHydration")?;
     csi.set_hydration(&clone.volume_id, Action::Resume, None, None)
+        .await
+        .rpc("SetHydration")?;
+    let done = csi
+        .try_wait_complete(&clone.volume_id, HYDRATION_LIMIT)
         .await?;
-    let done = csi.wait_complete(&clone.volume_id, HYDRATION_LIMIT).await?;
     let copied = total_bytes - trimmed_bytes;
     let allocated = data_file_allocated(&bench.pool, &clone.volume_id)?;
     bench.step(&format!(
@@ -878,7 +894,9 @@ async fn figure_3(bench: &mut Bench, csi: &mut Csi, report: &mut Report) -> anyh
         describe(&done),
         human_bytes(allocated as f64)
     ));
-    csi.delete_volume(&clone.volume_id).await?;
+    csi.delete_volume(&clone.volume_id)
+        .await
+        .rpc("DeleteVolume")?;
 
     report.note(format!(
         "3: {} ext4 volume with {} MiB of files; its file system reports {} used (files, \
@@ -927,11 +945,13 @@ async fn figure_4(
             Some(Source::Snapshot(&source.snapshot_id)),
             &[],
         )
-        .await?;
+        .await
+        .rpc("CreateVolume")?;
     csi.set_hydration(&clone.volume_id, Action::Pause, None, None)
-        .await?;
-    let clone_mount = bench
-        .stage_publish(csi, &clone.volume_id, Access::Block, "f4-clone")
+        .await
+        .rpc("SetHydration")?;
+    let clone_mount = csi
+        .try_stage_publish(&bench.mnt, &clone.volume_id, Access::Block, "f4-clone")
         .await?;
     let name = format!("{DM_PREFIX}{}", clone.volume_id);
 
@@ -942,7 +962,7 @@ async fn figure_4(
     blocking(move || fill_direct(&target, 0, IOPS_SPAN, 77, false)).await?;
     let status = {
         let name = name.clone();
-        blocking(move || clone_status(&name)).await?
+        blocking(move || try_clone_status(&name)).await?
     }
     .context("the paused clone was switched to linear before the measurement")?;
     ensure!(
@@ -953,7 +973,7 @@ async fn figure_4(
     // (its data file's loop device), so both read and write the very same
     // blocks through the same loop device, the clone target or not.
     let destination = data_loop_of(&bench.pool, &clone.volume_id)?;
-    let linear = LinearOver::create(
+    let linear = OwnDevice::linear(
         &format!("lcbench-{}-dest", std::process::id()),
         &destination,
         RAW_SOURCE,
@@ -966,12 +986,12 @@ async fn figure_4(
         status.total,
         IOPS_SPAN / MIB,
         secs(started.elapsed()),
-        linear.path.display(),
+        linear.path().display(),
         destination.display()
     ));
 
     let before = {
-        let (c, p) = (clone_mount.target.clone(), linear.path.clone());
+        let (c, p) = (clone_mount.target.clone(), linear.path().to_owned());
         blocking(move || interleaved_iops(&c, &p, IOPS_PAIRS)).await?
     };
     bench.step(&format!("f4: before the switch: {}", before.describe()));
@@ -979,9 +999,11 @@ async fn figure_4(
     // Now let it finish and switch: the same comparison is a control.
     let started = Instant::now();
     csi.set_hydration(&clone.volume_id, Action::Resume, None, None)
+        .await
+        .rpc("SetHydration")?;
+    csi.try_wait_complete(&clone.volume_id, HYDRATION_LIMIT)
         .await?;
-    csi.wait_complete(&clone.volume_id, HYDRATION_LIMIT).await?;
-    let table = dm_table(&name)?;
+    let table = try_dm_table(&name)?;
     ensure!(
         table.split_whitespace().nth(2) == Some("linear"),
         "{name} is not linear after Complete: {table}"
@@ -991,14 +1013,16 @@ async fn figure_4(
         secs(started.elapsed())
     ));
     let after = {
-        let (c, p) = (clone_mount.target.clone(), linear.path.clone());
+        let (c, p) = (clone_mount.target.clone(), linear.path().to_owned());
         blocking(move || interleaved_iops(&c, &p, IOPS_PAIRS_AFTER)).await?
     };
     bench.step(&format!("f4: after the switch: {}", after.describe()));
 
     drop(linear);
-    bench.unpublish_unstage(csi, &clone_mount).await?;
-    csi.delete_volume(&clone.volume_id).await?;
+    csi.try_unpublish_unstage(&clone_mount).await?;
+    csi.delete_volume(&clone.volume_id)
+        .await
+        .rpc("DeleteVolume")?;
 
     report.note(format!(
         "4: queue depth 1, 4 KiB O_DIRECT at random offsets in the first {} MiB (hydrated), \
@@ -1042,44 +1066,6 @@ async fn figure_4(
         Some(after.write_ratio.median),
     ));
     Ok(())
-}
-
-/// A device-mapper linear device of the benchmark's own over a block
-/// device (not named `liveclone-`, so the driver ignores it); removed when
-/// dropped.
-struct LinearOver {
-    name: String,
-    path: PathBuf,
-}
-
-impl LinearOver {
-    fn create(name: &str, device: &Path, bytes: u64) -> anyhow::Result<Self> {
-        let table = format!("0 {} linear {} 0", bytes / 512, device.display());
-        run(
-            "dmsetup",
-            &[
-                "create".as_ref(),
-                name.as_ref(),
-                "--table".as_ref(),
-                table.as_ref(),
-            ],
-        )?;
-        Ok(Self {
-            name: name.to_owned(),
-            path: Path::new("/dev/mapper").join(name),
-        })
-    }
-}
-
-impl Drop for LinearOver {
-    fn drop(&mut self) {
-        let removed = Command::new("dmsetup")
-            .args(["remove", "--retry", &self.name])
-            .output();
-        if !removed.is_ok_and(|o| o.status.success()) {
-            say(&format!("cleanup: could not remove {}", self.name));
-        }
-    }
 }
 
 /// The loop device over a volume's data file in the pool.
@@ -1161,8 +1147,8 @@ impl Iops {
 /// same conditions. A ratio per pair of turns, whose median is kept,
 /// discards the pairs a host hiccup hit.
 fn interleaved_iops(clone: &Path, linear: &Path, pairs: usize) -> anyhow::Result<Iops> {
-    let clone_file = open_direct(clone, true)?;
-    let linear_file = open_direct(linear, true)?;
+    let clone_file = try_open_direct(clone, true)?;
+    let linear_file = try_open_direct(linear, true)?;
     let mut rng = Rng::new(0x5eed);
     let mut buffer = Aligned::new(BLOCK);
     buffer.as_mut_slice().fill(0xA5);
@@ -1240,9 +1226,10 @@ async fn figure_5(
             Some(Source::Snapshot(&source.snapshot_id)),
             &[],
         )
-        .await?;
-    let mounted = bench
-        .stage_publish(csi, &clone.volume_id, Access::Block, "f5-clone")
+        .await
+        .rpc("CreateVolume")?;
+    let mounted = csi
+        .try_stage_publish(&bench.mnt, &clone.volume_id, Access::Block, "f5-clone")
         .await?;
     let name = format!("{DM_PREFIX}{}", clone.volume_id);
     // No udev in the VM: /dev/mapper holds device nodes, not links to
@@ -1272,7 +1259,9 @@ async fn figure_5(
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || watch_suspended(&suspended_flag, origin, &stop))
     };
-    let waited = csi.wait_complete(&clone.volume_id, HYDRATION_LIMIT).await;
+    let waited = csi
+        .try_wait_complete(&clone.volume_id, HYDRATION_LIMIT)
+        .await;
     let complete_seen = origin.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::SeqCst);
@@ -1283,13 +1272,15 @@ async fn figure_5(
         .join()
         .map_err(|_| anyhow!("the watcher thread panicked"))??;
     waited?;
-    let table = dm_table(&name)?;
+    let table = try_dm_table(&name)?;
     ensure!(
         table.split_whitespace().nth(2) == Some("linear"),
         "{name} is not linear after Complete: {table}"
     );
-    bench.unpublish_unstage(csi, &mounted).await?;
-    csi.delete_volume(&clone.volume_id).await?;
+    csi.try_unpublish_unstage(&mounted).await?;
+    csi.delete_volume(&clone.volume_id)
+        .await
+        .rpc("DeleteVolume")?;
 
     ensure!(!writes.is_empty(), "the writer recorded no write");
     // The suspended window: first 1 then back to 0.
@@ -1393,7 +1384,7 @@ struct Write4k {
 }
 
 fn paced_writer(target: &Path, origin: Instant, stop: &AtomicBool) -> anyhow::Result<Vec<Write4k>> {
-    let file = open_direct(target, true)?;
+    let file = try_open_direct(target, true)?;
     let size = (&file)
         .seek(SeekFrom::End(0))
         .context("seeking to the end of the device")?;
@@ -1571,7 +1562,7 @@ impl Report {
             say(&format!(
                 "!!!!!!!! ERROR: {message}\nkernel state:\n{}\n--- last {LOG_TAIL} lines of the \
                  driver's log ---\n{}\n--- end of the driver's log ---",
-                kernel_state(&bench.pool),
+                bench.kernel_state(),
                 bench.log_tail(LOG_TAIL)
             ));
             self.errors.push(message);
@@ -1637,632 +1628,24 @@ impl Report {
 // ---------------------------------------------------------------------------
 // The bench: a work folder, a pool, the driver.
 
-fn require_real_kernel() {
-    let in_vm = std::env::var_os("LIVECLONE_IN_VM").is_some_and(|v| v == "1");
-    let on_host = std::env::var_os("LIVECLONE_TEST_ON_HOST").is_some_and(|v| v == "1");
-    assert!(
-        in_vm || on_host,
-        "the benchmarks run in the test VM (`make bench`), or on a host with dm-clone when \
-         LIVECLONE_TEST_ON_HOST=1"
-    );
+/// A work folder and pool for some figures. The driver logs at info level
+/// (debug lines would weigh on what is measured).
+fn bench(label: &str, pool: Pool) -> Bench {
+    Bench::new(label, pool)
+        .with_rust_log(INFO_LOG)
+        .with_show_log_env("LIVECLONE_BENCH_SHOW_LOG")
 }
 
-/// An ext4 file system in a sparse image on a loop device (direct I/O),
-/// mounted with `discard` so that deleted files free the scratch disk.
-struct BigPool {
-    /// Held, not read: detaches when the pool drops, after the unmount.
-    _loop_device: LoopDevice,
-    mount_point: PathBuf,
-}
-
-impl BigPool {
-    fn new(image: &Path, mount_point: &Path) -> anyhow::Result<Self> {
-        File::create(image)
-            .and_then(|f| f.set_len(BIG_POOL_BYTES))
-            .with_context(|| format!("creating {}", image.display()))?;
-        let loop_device = LoopDevice::attach(image, false)?;
-        run(
-            "mkfs.ext4",
-            &[
-                "-q".as_ref(),
-                "-E".as_ref(),
-                "lazy_itable_init=1,lazy_journal_init=1".as_ref(),
-                loop_device.path.as_os_str(),
-            ],
-        )?;
-        std::fs::create_dir(mount_point)?;
-        run(
-            "mount",
-            &[
-                "-t".as_ref(),
-                "ext4".as_ref(),
-                "-o".as_ref(),
-                "noinit_itable,discard".as_ref(),
-                loop_device.path.as_os_str(),
-                mount_point.as_os_str(),
-            ],
-        )?;
-        Ok(Self {
-            _loop_device: loop_device,
-            mount_point: mount_point.to_owned(),
-        })
-    }
-}
-
-impl Drop for BigPool {
-    fn drop(&mut self) {
-        // The loop device detaches when the field drops, after this.
-        unmount_all_under(&self.mount_point);
-    }
-}
-
-struct Bench {
-    label: String,
-    dir: Option<tempfile::TempDir>,
-    root: PathBuf,
-    pool: PathBuf,
-    state: PathBuf,
-    mnt: PathBuf,
-    endpoint: String,
-    log: PathBuf,
-    big_pool: Option<BigPool>,
-    driver: Option<Child>,
-    dm_before: BTreeSet<String>,
-    started: Instant,
-}
-
-impl Bench {
-    fn new(label: &str, big_pool: bool) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("lcbench-")
-            .tempdir()
-            .expect("creating the work folder under TMPDIR");
-        let root = dir
-            .path()
-            .canonicalize()
-            .expect("resolving the work folder");
-        let mnt = root.join("mnt");
-        let state = root.join("state");
-        for folder in [&mnt, &state] {
-            std::fs::create_dir(folder)
-                .unwrap_or_else(|e| panic!("creating {}: {e}", folder.display()));
-        }
-        let mut bench = Self {
-            label: label.to_owned(),
-            dir: Some(dir),
-            pool: root.join("pool"),
-            state,
-            mnt,
-            endpoint: format!("unix://{}", root.join("csi.sock").display()),
-            log: root.join("driver.log"),
-            big_pool: None,
-            driver: None,
-            dm_before: dm_devices(),
-            started: Instant::now(),
-            root,
-        };
-        if big_pool {
-            let pool = BigPool::new(&bench.root.join("pool.ext4"), &bench.root.join("big"))
-                .expect("making the big pool");
-            bench.pool = pool.mount_point.join("pool");
-            bench.big_pool = Some(pool);
-        }
-        std::fs::create_dir(&bench.pool)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", bench.pool.display()));
-        bench.step(&format!("pool at {}", bench.pool.display()));
-        bench
-    }
-
-    fn name(&self, what: &str) -> String {
-        format!("bench-{what}-{}", std::process::id())
-    }
-
-    fn step(&self, message: &str) {
-        say(&format!(
-            "[{} +{:.1}s] {message}",
-            self.label,
-            self.started.elapsed().as_secs_f64()
-        ));
-    }
-
-    async fn start_driver(&mut self) -> anyhow::Result<Csi> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .with_context(|| format!("opening {}", self.log.display()))?;
-        let err = log.try_clone()?;
-        let args: Vec<&OsStr> = vec![
-            OsStr::new("standalone"),
-            OsStr::new("--endpoint"),
-            OsStr::new(&self.endpoint),
-            OsStr::new("--state-dir"),
-            self.state.as_os_str(),
-            OsStr::new("--pool-dir"),
-            self.pool.as_os_str(),
-            OsStr::new("--node-id"),
-            OsStr::new(NODE_ID),
-            OsStr::new("--allowed-mount-root"),
-            self.mnt.as_os_str(),
-        ];
-        let mut command = Command::new(driver_binary()?);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "info");
-        }
-        self.driver = Some(command.spawn().context("starting the driver")?);
-        let started = Instant::now();
-        let mut last_problem = String::from("no socket yet");
-        loop {
-            if let Some(child) = self.driver.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.driver = None;
-                    bail!("the driver exited ({status}) while starting: {last_problem}");
-                }
-            }
-            match connect_unix(&self.endpoint).await {
-                Ok(channel) => {
-                    let mut identity = IdentityClient::new(channel.clone());
-                    match identity.probe(csi::ProbeRequest {}).await {
-                        Ok(response) if response.get_ref().ready == Some(true) => {
-                            self.step(&format!(
-                                "driver ready in {:.1} s",
-                                started.elapsed().as_secs_f64()
-                            ));
-                            return Ok(Csi::new(channel));
-                        }
-                        Ok(response) => last_problem = format!("Probe: {:?}", response.get_ref()),
-                        Err(status) => last_problem = format!("Probe: {status}"),
-                    }
-                }
-                Err(e) => last_problem = format!("{e:#}"),
-            }
-            ensure!(
-                started.elapsed() < START_LIMIT,
-                "the driver was not ready within {START_LIMIT:?}: {last_problem}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    fn stop_driver(&mut self) {
-        let Some(mut child) = self.driver.take() else {
-            return;
-        };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let start = Instant::now();
-        while start.elapsed() < STOP_LIMIT {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-
-    async fn stage_publish(
-        &self,
-        csi: &mut Csi,
-        volume_id: &str,
-        access: Access,
-        tag: &str,
-    ) -> anyhow::Result<Mounted> {
-        Ok(self
-            .stage_publish_timed(csi, volume_id, access, tag)
-            .await?
-            .0)
-    }
-
-    /// NodeStage then NodePublish, as kubelet calls them; returns how long
-    /// each took.
-    async fn stage_publish_timed(
-        &self,
-        csi: &mut Csi,
-        volume_id: &str,
-        access: Access,
-        tag: &str,
-    ) -> anyhow::Result<(Mounted, Duration, Duration)> {
-        let staging = self.mnt.join(format!("{tag}-staging"));
-        std::fs::create_dir_all(&staging)?;
-        let target = self.mnt.join(format!("{tag}-target"));
-        let started = Instant::now();
-        rpc(
-            "NodeStageVolume",
-            csi.node
-                .node_stage_volume(csi::NodeStageVolumeRequest {
-                    volume_id: volume_id.to_owned(),
-                    staging_target_path: path_string(&staging)?,
-                    volume_capability: Some(capability(access)),
-                    ..Default::default()
-                })
-                .await,
-        )?;
-        let stage = started.elapsed();
-        let started = Instant::now();
-        rpc(
-            "NodePublishVolume",
-            csi.node
-                .node_publish_volume(csi::NodePublishVolumeRequest {
-                    volume_id: volume_id.to_owned(),
-                    staging_target_path: path_string(&staging)?,
-                    target_path: path_string(&target)?,
-                    volume_capability: Some(capability(access)),
-                    readonly: false,
-                    ..Default::default()
-                })
-                .await,
-        )?;
-        let publish = started.elapsed();
-        Ok((
-            Mounted {
-                volume_id: volume_id.to_owned(),
-                staging,
-                target,
-            },
-            stage,
-            publish,
-        ))
-    }
-
-    async fn unpublish_unstage(&self, csi: &mut Csi, mounted: &Mounted) -> anyhow::Result<()> {
-        rpc(
-            "NodeUnpublishVolume",
-            csi.node
-                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                    volume_id: mounted.volume_id.clone(),
-                    target_path: path_string(&mounted.target)?,
-                })
-                .await,
-        )?;
-        rpc(
-            "NodeUnstageVolume",
-            csi.node
-                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                    volume_id: mounted.volume_id.clone(),
-                    staging_target_path: path_string(&mounted.staging)?,
-                })
-                .await,
-        )?;
-        let _ = std::fs::remove_dir(&mounted.staging);
-        Ok(())
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let mut text = String::new();
-        if let Err(e) = File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text)) {
-            return format!("(cannot read {}: {e})", self.log.display());
-        }
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for Bench {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            say(&format!(
-                "[{}] FAILED; kernel state:\n{}\n--- last {LOG_TAIL} lines of the driver's log \
-                 ---\n{}\n--- end of the driver's log ---",
-                self.label,
-                kernel_state(&self.pool),
-                self.log_tail(LOG_TAIL)
-            ));
-        }
-        if std::env::var_os("LIVECLONE_BENCH_SHOW_LOG").is_some_and(|v| v == "1") {
-            say(&format!(
-                "[{}] --- the driver's log (LIVECLONE_BENCH_SHOW_LOG=1) ---\n{}\n--- end of \
-                 the driver's log ---",
-                self.label,
-                self.log_tail(usize::MAX)
-            ));
-        }
-        self.stop_driver();
-        unmount_all_under(&self.mnt);
-        unmount_all_under(&self.state);
-        for name in dm_devices().difference(&self.dm_before) {
-            let removed = Command::new("dmsetup")
-                .args(["remove", "--retry", name])
-                .output();
-            if !removed.is_ok_and(|o| o.status.success()) {
-                say(&format!("cleanup: could not remove device {name}"));
-            }
-        }
-        for device in pool_loops(&self.pool) {
-            let detached = Command::new("losetup").args(["-d", &device]).output();
-            if !detached.is_ok_and(|o| o.status.success()) {
-                say(&format!("cleanup: could not detach {device}"));
-            }
-        }
-        drop(self.big_pool.take());
-        if let Some(dir) = self.dir.take() {
-            if mounts_under(&self.root).is_empty() {
-                drop(dir);
-            } else {
-                let kept = dir.keep();
-                say(&format!(
-                    "cleanup: left {} in place: something below it is still mounted",
-                    kept.display()
-                ));
-            }
-        }
-    }
-}
-
-struct Mounted {
-    volume_id: String,
-    staging: PathBuf,
-    target: PathBuf,
-}
-
-// ---------------------------------------------------------------------------
-// The driver's APIs.
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Access {
-    Block,
-    Ext4,
-}
-
-fn capability(access: Access) -> csi::VolumeCapability {
-    use csi::volume_capability::access_mode::Mode;
-    use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
-    csi::VolumeCapability {
-        access_type: Some(match access {
-            Access::Block => AccessType::Block(BlockVolume {}),
-            Access::Ext4 => AccessType::Mount(MountVolume {
-                fs_type: "ext4".to_owned(),
-                ..Default::default()
-            }),
-        }),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter.into(),
-        }),
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Source<'a> {
-    Volume(&'a str),
-    Snapshot(&'a str),
-}
-
-fn content_source(source: Source<'_>) -> csi::VolumeContentSource {
-    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
-    csi::VolumeContentSource {
-        r#type: Some(match source {
-            Source::Volume(id) => Type::Volume(VolumeSource {
-                volume_id: id.to_owned(),
-            }),
-            Source::Snapshot(id) => Type::Snapshot(SnapshotSource {
-                snapshot_id: id.to_owned(),
-            }),
-        }),
-    }
-}
-
-fn rpc<T>(what: &str, result: Result<T, tonic::Status>) -> anyhow::Result<T> {
-    result.map_err(|status| anyhow!("{what} failed: {:?}: {}", status.code(), status.message()))
-}
-
-struct Csi {
-    controller: ControllerClient<Channel>,
-    node: NodeClient<Channel>,
-    admin: AdminClient<Channel>,
-}
-
-impl Csi {
-    fn new(channel: Channel) -> Self {
-        Self {
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel.clone()),
-            admin: AdminClient::new(channel),
-        }
-    }
-
-    async fn create_volume(
-        &mut self,
-        name: &str,
-        bytes: u64,
-        access: Access,
-        source: Option<Source<'_>>,
-        parameters: &[(&str, &str)],
-    ) -> anyhow::Result<csi::Volume> {
-        let request = csi::CreateVolumeRequest {
-            name: name.to_owned(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: i64::try_from(bytes)?,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![capability(access)],
-            parameters: parameters
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            volume_content_source: source.map(content_source),
-            ..Default::default()
-        };
-        let response = rpc(
-            &format!("CreateVolume {name}"),
-            self.controller.create_volume(request).await,
-        )?;
-        response
-            .into_inner()
-            .volume
-            .context("CreateVolume returned no volume")
-    }
-
-    async fn delete_volume(&mut self, id: &str) -> anyhow::Result<()> {
-        rpc(
-            &format!("DeleteVolume {id}"),
-            self.controller
-                .delete_volume(csi::DeleteVolumeRequest {
-                    volume_id: id.to_owned(),
-                    ..Default::default()
-                })
-                .await,
-        )
-        .map(drop)
-    }
-
-    async fn create_snapshot(&mut self, name: &str, source: &str) -> anyhow::Result<csi::Snapshot> {
-        let response = rpc(
-            &format!("CreateSnapshot {name}"),
-            self.controller
-                .create_snapshot(csi::CreateSnapshotRequest {
-                    source_volume_id: source.to_owned(),
-                    name: name.to_owned(),
-                    ..Default::default()
-                })
-                .await,
-        )?;
-        response
-            .into_inner()
-            .snapshot
-            .context("CreateSnapshot returned no snapshot")
-    }
-
-    async fn delete_snapshot(&mut self, id: &str) -> anyhow::Result<()> {
-        rpc(
-            &format!("DeleteSnapshot {id}"),
-            self.controller
-                .delete_snapshot(csi::DeleteSnapshotRequest {
-                    snapshot_id: id.to_owned(),
-                    ..Default::default()
-                })
-                .await,
-        )
-        .map(drop)
-    }
-
-    async fn set_hydration(
-        &mut self,
-        id: &str,
-        action: Action,
-        threshold: Option<u32>,
-        batch_size: Option<u32>,
-    ) -> anyhow::Result<admin::VolumeStatus> {
-        let response = rpc(
-            &format!("SetHydration {action:?} {id}"),
-            self.admin
-                .set_hydration(admin::SetHydrationRequest {
-                    volume_id: id.to_owned(),
-                    action: action.into(),
-                    threshold,
-                    batch_size,
-                })
-                .await,
-        )?;
-        response
-            .into_inner()
-            .volume
-            .context("SetHydration returned no volume")
-    }
-
-    async fn hydration_of(&mut self, id: &str) -> anyhow::Result<admin::Hydration> {
-        let volumes = rpc(
-            "ListVolumes",
-            self.admin.list_volumes(admin::ListVolumesRequest {}).await,
-        )?
-        .into_inner()
-        .volumes;
-        let status = volumes
-            .into_iter()
-            .find(|v| v.volume_id == id)
-            .with_context(|| format!("the admin API does not list {id}"))?;
-        status
-            .hydration
-            .with_context(|| format!("volume {id} has no hydration status"))
-    }
-
-    async fn wait_complete(
-        &mut self,
-        id: &str,
-        limit: Duration,
-    ) -> anyhow::Result<admin::Hydration> {
-        let start = Instant::now();
-        let mut last_print = Instant::now();
-        loop {
-            let hydration = self.hydration_of(id).await?;
-            if hydration.phase == "Complete" {
-                return Ok(hydration);
-            }
-            ensure!(
-                hydration.phase != "Failed",
-                "hydration of {id} failed: {}",
-                describe(&hydration)
-            );
-            ensure!(
-                start.elapsed() < limit,
-                "hydration of {id} did not complete within {limit:?}: {}",
-                describe(&hydration)
-            );
-            if last_print.elapsed() >= Duration::from_secs(15) {
-                say(&format!("  waiting for {id}: {}", describe(&hydration)));
-                last_print = Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-}
-
-fn describe(h: &admin::Hydration) -> String {
-    format!(
-        "{}{} {:.1}% ({} of {} bytes), threshold {} batch {}: {}",
-        h.phase,
-        if h.paused { " (paused)" } else { "" },
-        h.percent,
-        h.hydrated_bytes,
-        h.total_bytes,
-        h.threshold,
-        h.batch_size,
-        h.message
-    )
-}
-
-/// The binary to run: in the VM, a private copy on the scratch disk (the
-/// host's `target` folder is shared over 9p and may be rebuilt meanwhile).
-fn driver_binary() -> anyhow::Result<PathBuf> {
-    static COPY: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(path) = COPY.get() {
-        return Ok(path.clone());
-    }
-    let in_vm = std::env::var_os("LIVECLONE_IN_VM").is_some_and(|v| v == "1");
-    let path = if in_vm {
-        let copy = std::env::temp_dir().join(format!("liveclone-bench-{}", std::process::id()));
-        std::fs::copy(BIN, &copy).with_context(|| format!("copying {BIN}"))?;
-        copy
-    } else {
-        PathBuf::from(BIN)
-    };
-    Ok(COPY.get_or_init(|| path).clone())
+/// Starts the bench's driver with its default options.
+async fn start_driver(bench: &mut Bench) -> anyhow::Result<Csi> {
+    let mut csi = bench.try_start_driver(&[]).await?;
+    // Figure 5 falls back on when `Complete` was seen: read it often.
+    csi.poll = Duration::from_millis(250);
+    Ok(csi)
 }
 
 // ---------------------------------------------------------------------------
 // Devices and tools.
-
-fn run(program: &str, args: &[&OsStr]) -> anyhow::Result<String> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    ensure!(
-        output.status.success(),
-        "{program} {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
 
 /// Runs a blocking job on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -2271,42 +1654,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(job)
         .await
         .map_err(|e| anyhow!("blocking task failed: {e}"))?
-}
-
-/// A loop device over a file, with direct I/O as the pool attaches them;
-/// detached when dropped.
-struct LoopDevice {
-    path: PathBuf,
-}
-
-impl LoopDevice {
-    fn attach(file: &Path, read_only: bool) -> anyhow::Result<Self> {
-        let mut args: Vec<&OsStr> = vec![
-            "--direct-io=on".as_ref(),
-            "--find".as_ref(),
-            "--show".as_ref(),
-        ];
-        if read_only {
-            args.push("--read-only".as_ref());
-        }
-        args.push(file.as_os_str());
-        let device = run("losetup", &args)?;
-        Ok(Self {
-            path: PathBuf::from(device.trim()),
-        })
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let detached = Command::new("losetup").arg("-d").arg(&self.path).output();
-        if !detached.is_ok_and(|o| o.status.success()) {
-            say(&format!(
-                "cleanup: could not detach {}",
-                self.path.display()
-            ));
-        }
-    }
 }
 
 /// dd of `bytes` in blocks of `block` (dd's syntax) with direct I/O on
@@ -2347,93 +1694,6 @@ fn dd_copy(src: &Path, dst: &Path, bytes: u64, block: &str) -> anyhow::Result<Du
     Ok(took)
 }
 
-struct CloneLine {
-    region_sectors: u64,
-    hydrated: u64,
-    total: u64,
-}
-
-/// The clone target's no-flush status; `None` once the table is linear.
-fn clone_status(name: &str) -> anyhow::Result<Option<CloneLine>> {
-    let status = run(
-        "dmsetup",
-        &["status".as_ref(), "--noflush".as_ref(), name.as_ref()],
-    )?;
-    let Some(line) = status
-        .lines()
-        .find(|line| line.split_whitespace().nth(2) == Some("clone"))
-    else {
-        return Ok(None);
-    };
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let parsed = (|| {
-        let region_sectors = fields.get(5)?.parse().ok()?;
-        let (h, t) = fields.get(6)?.split_once('/')?;
-        Some(CloneLine {
-            region_sectors,
-            hydrated: h.parse().ok()?,
-            total: t.parse().ok()?,
-        })
-    })();
-    parsed
-        .map(Some)
-        .with_context(|| format!("odd clone status of {name}: {line}"))
-}
-
-fn dm_table(name: &str) -> anyhow::Result<String> {
-    run("dmsetup", &["table".as_ref(), name.as_ref()])
-}
-
-fn dm_devices() -> BTreeSet<String> {
-    run("dmsetup", &["ls".as_ref()])
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| name.starts_with(DM_PREFIX))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Loop devices backed by files under `pool`.
-fn pool_loops(pool: &Path) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
-            continue;
-        };
-        if Path::new(backing.trim()).starts_with(pool) {
-            found.push(format!("/dev/{name}"));
-        }
-    }
-    found
-}
-
-fn kernel_state(pool: &Path) -> String {
-    let mut out = String::new();
-    for name in dm_devices() {
-        let table = dm_table(&name).unwrap_or_else(|e| format!("({e})"));
-        let status = run(
-            "dmsetup",
-            &["status".as_ref(), "--noflush".as_ref(), name.as_ref()],
-        )
-        .unwrap_or_else(|e| format!("({e})"));
-        out.push_str(&format!(
-            "{name}:\n  table  {}\n  status {}\n",
-            table.trim(),
-            status.trim()
-        ));
-    }
-    out.push_str(&format!("pool loops: {:?}\n", pool_loops(pool)));
-    out
-}
-
 /// Bytes allocated to a volume's data file in the pool.
 fn data_file_allocated(pool: &Path, volume_id: &str) -> anyhow::Result<u64> {
     let folder = pool.join("volumes");
@@ -2451,75 +1711,6 @@ fn data_file_allocated(pool: &Path, volume_id: &str) -> anyhow::Result<u64> {
     }
     ensure!(found, "no data file of {volume_id} in {}", folder.display());
     Ok(total)
-}
-
-fn mounts_under(root: &Path) -> Vec<PathBuf> {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut points: Vec<PathBuf> = table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mount_path(field)))
-        .filter(|point| point.starts_with(root))
-        .collect();
-    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
-    points.dedup();
-    points
-}
-
-fn unescape_mount_path(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
-            let text = std::str::from_utf8(digits).ok()?;
-            u8::from_str_radix(text, 8).ok()
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn unmount_all_under(root: &Path) {
-    for point in mounts_under(root) {
-        let plain = Command::new("umount").arg(&point).output();
-        if plain.is_ok_and(|output| output.status.success()) {
-            continue;
-        }
-        let lazy = Command::new("umount").arg("-l").arg(&point).output();
-        if !lazy.is_ok_and(|output| output.status.success()) {
-            say(&format!(
-                "cleanup: {} could not be unmounted",
-                point.display()
-            ));
-        }
-    }
-}
-
-fn drop_caches() {
-    nix::unistd::sync();
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-}
-
-/// (size, used) of the file system mounted at `path`, in bytes.
-fn fs_usage(path: &Path) -> anyhow::Result<(u64, u64)> {
-    let stat =
-        nix::sys::statvfs::statvfs(path).with_context(|| format!("statvfs {}", path.display()))?;
-    let block: u64 = stat.fragment_size();
-    let blocks: u64 = stat.blocks();
-    let free: u64 = stat.blocks_free();
-    Ok((blocks * block, (blocks - free) * block))
 }
 
 fn kernel_release() -> String {
@@ -2541,49 +1732,13 @@ fn memory_mib() -> u64 {
 }
 
 fn today() -> String {
-    run("date", &["-u".as_ref(), "+%Y-%m-%d %H:%M UTC".as_ref()])
+    try_run("date", &["-u".as_ref(), "+%Y-%m-%d %H:%M UTC".as_ref()])
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown date".to_owned())
 }
 
 // ---------------------------------------------------------------------------
 // Data.
-
-/// A page-aligned buffer, as O_DIRECT needs.
-struct Aligned {
-    storage: Vec<u8>,
-    offset: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + BLOCK];
-        let offset = storage.as_ptr().align_offset(BLOCK);
-        Self {
-            storage,
-            offset,
-            len,
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.storage[self.offset..self.offset + self.len]
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.storage[self.offset..self.offset + self.len]
-    }
-}
-
-fn open_direct(path: &Path, write: bool) -> anyhow::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)
-        .with_context(|| format!("opening {} with O_DIRECT", path.display()))
-}
 
 /// xorshift64*: cheap and good enough to pick offsets.
 struct Rng(u64);
@@ -2632,7 +1787,7 @@ fn fill_direct(path: &Path, offset: u64, len: u64, seed: u64, create: bool) -> a
     if create {
         File::create(path).with_context(|| format!("creating {}", path.display()))?;
     }
-    let file = open_direct(path, true)?;
+    let file = try_open_direct(path, true)?;
     let base = base_chunk(seed);
     let mut buffer = Aligned::new(FILE_BYTES);
     let mut done = 0u64;
@@ -2690,21 +1845,8 @@ fn verify_file(dir: &Path, index: usize, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 // ---------------------------------------------------------------------------
 // Small helpers.
-
-fn path_string(path: &Path) -> anyhow::Result<String> {
-    path.to_str()
-        .map(str::to_owned)
-        .with_context(|| format!("{} is not UTF-8", path.display()))
-}
 
 fn secs(d: Duration) -> String {
     secs_f(d.as_secs_f64())
@@ -2730,11 +1872,4 @@ fn human_bytes(bytes: f64) -> String {
 
 fn rate(bytes: u64, took: Duration) -> String {
     format!("{}/s", human_bytes(bytes as f64 / took.as_secs_f64()))
-}
-
-/// Writes a line straight to stdout, past the test harness's capture.
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
 }

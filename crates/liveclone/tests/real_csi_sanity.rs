@@ -21,22 +21,19 @@
 //! `vmtest test --env`. `LIVECLONE_CSI_SANITY_TIMEOUT` (seconds) changes the
 //! time limit of each run.
 
-use std::collections::BTreeSet;
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::sys::statfs::{statfs, FsType, EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC};
-use nix::unistd::Pid;
+use common::{
+    all_dm_devices, mounts_under, pool_loops, require_real_kernel, say, Bench, Pool, INFO_LOG, MIB,
+};
 
-const MIB: u64 = 1 << 20;
 /// Size of every volume csi-sanity creates: small, because each one gets a
 /// file system made under QEMU's software CPU.
 const VOLUME_SIZE: u64 = 64 * MIB;
@@ -46,7 +43,6 @@ const EXPANDED_SIZE: u64 = 128 * MIB;
 /// number of volumes alive at once is in the ListSnapshots pagination spec:
 /// five volumes and five snapshots.
 const XFS_IMAGE_BYTES: u64 = 4 << 30;
-const NODE_ID: &str = "csi-sanity-node";
 /// How long the driver may take to create its socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(60);
 /// Default limit for one csi-sanity run (`LIVECLONE_CSI_SANITY_TIMEOUT`, in
@@ -56,10 +52,6 @@ const SOCKET_WAIT: Duration = Duration::from_secs(60);
 const DEFAULT_SANITY_LIMIT: Duration = Duration::from_secs(600);
 /// Ginkgo's own grace period after its timeout is 30 s; then some slack.
 const KILL_MARGIN: Duration = Duration::from_secs(60);
-/// How long the driver may take to exit after SIGTERM before it is killed.
-const DRIVER_STOP_WAIT: Duration = Duration::from_secs(20);
-/// Lines of the driver's log printed when a run fails.
-const DRIVER_LOG_TAIL: usize = 200;
 
 const CSI_SANITY_ENV: &str = "LIVECLONE_CSI_SANITY";
 const TOOLS_SCRIPT: &str = concat!(
@@ -70,111 +62,38 @@ const TOOLS_SCRIPT: &str = concat!(
 #[test]
 fn real_csi_sanity_with_the_pool_on_ext4() {
     require_real_kernel();
-    run_sanity(PoolFs::Ext4);
+    run_sanity(Pool::Ext4);
 }
 
 #[test]
 fn real_csi_sanity_with_the_pool_on_xfs() {
     require_real_kernel();
-    run_sanity(PoolFs::Xfs);
+    run_sanity(Pool::Xfs(XFS_IMAGE_BYTES));
 }
 
-/// The same check as the bench's smoke tests: these tests create devices and
-/// mounts, so they run in the VM, or on a host only when asked to.
-fn require_real_kernel() {
-    let in_vm = std::env::var_os("LIVECLONE_IN_VM").is_some_and(|v| v == "1");
-    let on_host = std::env::var_os("LIVECLONE_TEST_ON_HOST").is_some_and(|v| v == "1");
-    assert!(
-        in_vm || on_host,
-        "real-kernel tests run in the test VM (`make test-vm`), or on a host with dm-clone \
-         when LIVECLONE_TEST_ON_HOST=1"
-    );
-}
-
-#[derive(Clone, Copy, Debug)]
-enum PoolFs {
-    /// The pool in the scratch disk's own ext4 (the VM's TMPDIR).
-    Ext4,
-    /// The pool on a fresh xfs in a loop-mounted image file.
-    Xfs,
-}
-
-impl PoolFs {
-    fn name(self) -> &'static str {
-        match self {
-            PoolFs::Ext4 => "ext4",
-            PoolFs::Xfs => "xfs",
-        }
-    }
-
-    fn magic(self) -> FsType {
-        match self {
-            PoolFs::Ext4 => EXT4_SUPER_MAGIC,
-            PoolFs::Xfs => XFS_SUPER_MAGIC,
-        }
-    }
-}
-
-fn run_sanity(fs: PoolFs) {
+fn run_sanity(pool: Pool) {
     let sanity = csi_sanity_binary();
     let limit = sanity_limit();
 
-    // Declared in this order so that they drop in the reverse one: the driver
-    // stops first, then whatever is left mounted below the mount root goes,
-    // then the xfs pool, then the work folder.
-    let work = WorkDir::new(fs);
-    let root = work.path().to_owned();
-    let mount_root = root.join("mounts");
-    std::fs::create_dir(&mount_root).expect("creating the mount root");
-    let state_dir = root.join("state");
-    std::fs::create_dir(&state_dir).expect("creating the state folder");
-    let xfs = match fs {
-        PoolFs::Ext4 => None,
-        PoolFs::Xfs => Some(XfsMount::new(&root.join("pool.xfs"), &root.join("xfs"))),
-    };
-    let pool_dir = match &xfs {
-        None => root.join("pool"),
-        Some(xfs) => xfs.mount_point.join("pool"),
-    };
-    std::fs::create_dir(&pool_dir).expect("creating the pool folder");
-    let pool_fs = statfs(&pool_dir)
-        .expect("statfs of the pool folder")
-        .filesystem_type();
-    assert!(
-        pool_fs == fs.magic(),
-        "the pool folder {} is not on {} ({pool_fs:?})",
-        pool_dir.display(),
-        fs.name()
-    );
-    let _mounts = UnmountOnDrop(mount_root.clone());
-
-    let dm_before = dm_device_names();
-    let socket = root.join("csi.sock");
-    let endpoint = format!("unix://{}", socket.display());
-    let mut driver = Driver::start(
-        &[
-            "standalone".as_ref(),
-            "--endpoint".as_ref(),
-            endpoint.as_ref(),
-            "--state-dir".as_ref(),
-            state_dir.as_os_str(),
-            "--pool-dir".as_ref(),
-            pool_dir.as_os_str(),
-            "--node-id".as_ref(),
-            NODE_ID.as_ref(),
-            "--allowed-mount-root".as_ref(),
-            mount_root.as_os_str(),
-        ],
-        &root.join("driver.log"),
-    );
-    driver.wait_for_socket(&socket, SOCKET_WAIT);
+    // The bench stops the driver and removes whatever is left (mounts,
+    // devices, loops, the xfs pool, the work folder) when dropped, and on a
+    // failure prints the end of the driver's log. csi-sanity makes hundreds
+    // of calls: info lines are enough.
+    let mut bench = Bench::new(&format!("sanity-{}", pool.name()), pool).with_rust_log(INFO_LOG);
+    let dm_before = all_dm_devices();
+    bench
+        .spawn_driver(&[])
+        .unwrap_or_else(|e| panic!("starting the driver: {e:#}"));
+    bench
+        .wait_for_socket(SOCKET_WAIT)
+        .unwrap_or_else(|e| panic!("{e:#}"));
 
     // csi-sanity makes these two folders itself before every spec (and fails
     // if they exist), and removes them after.
     let mut args = vec![
-        format!("--csi.endpoint={endpoint}"),
-        format!("--csi.mountdir={}", mount_root.join("target").display()),
-        format!("--csi.stagingdir={}", mount_root.join("staging").display()),
+        format!("--csi.endpoint={}", bench.endpoint),
+        format!("--csi.mountdir={}", bench.mnt.join("target").display()),
+        format!("--csi.stagingdir={}", bench.mnt.join("staging").display()),
         format!("--csi.testvolumesize={VOLUME_SIZE}"),
         format!("--csi.testvolumeexpandsize={EXPANDED_SIZE}"),
         format!("--ginkgo.timeout={}s", limit.as_secs()),
@@ -187,9 +106,9 @@ fn run_sanity(fs: PoolFs) {
     if let Ok(extra) = std::env::var("LIVECLONE_CSI_SANITY_ARGS") {
         args.extend(extra.split_whitespace().map(str::to_owned));
     }
-    let label = format!("csi-sanity {}", fs.name());
+    let label = format!("csi-sanity {}", pool.name());
     say(&format!("{label}: {} {}", sanity.display(), args.join(" ")));
-    let run = run_streamed(&label, &sanity, &args, &root, limit + KILL_MARGIN);
+    let run = run_streamed(&label, &sanity, &args, &bench.root, limit + KILL_MARGIN);
 
     let summary = summary_of(&run.lines);
     say(&format!(
@@ -207,33 +126,29 @@ fn run_sanity(fs: PoolFs) {
             (false, Some(status)) => format!("failed ({status})"),
             (false, None) => "ended with no exit status".to_owned(),
         };
-        let log = driver.log_tail(DRIVER_LOG_TAIL);
-        panic!(
-            "{label} {why}: {}\n--- last {DRIVER_LOG_TAIL} lines of the driver's log ---\n{log}",
-            summary.join("; ")
-        );
+        panic!("{label} {why}: {}", summary.join("; "));
     }
 
     // Every volume and snapshot csi-sanity made has been deleted by now, so
     // nothing of them may be left in the kernel.
-    let leftover_mounts = mounts_under(&mount_root);
+    let leftover_mounts = mounts_under(&bench.mnt);
     assert!(
         leftover_mounts.is_empty(),
         "mounts left under {} after csi-sanity: {leftover_mounts:?}",
-        mount_root.display()
+        bench.mnt.display()
     );
-    let dm_new: Vec<String> = dm_device_names().difference(&dm_before).cloned().collect();
+    let dm_new: Vec<String> = all_dm_devices().difference(&dm_before).cloned().collect();
     assert!(
         dm_new.is_empty(),
         "device-mapper devices left after every volume was deleted: {dm_new:?}"
     );
-    let loops = loop_devices_backed_under(&pool_dir);
+    let loops = pool_loops(&bench.pool);
     assert!(
         loops.is_empty(),
         "loop devices still backed by files in the pool after every volume was deleted: {loops:?}"
     );
 
-    match driver.stop() {
+    match bench.stop_driver() {
         Some(status) => say(&format!("{label}: driver stopped ({status})")),
         None => say(&format!("{label}: driver stopped (no exit status)")),
     }
@@ -328,14 +243,6 @@ fn sanity_limit() -> Duration {
     }
 }
 
-/// Writes a line straight to the process's stdout, past the test harness's
-/// capture, so that it shows in the VM console whether the test passes or not.
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
 /// Ginkgo's closing lines: `Ran N of M Specs in S seconds` and
 /// `SUCCESS! -- ...` or `FAIL! -- ...`.
 fn summary_of(lines: &[String]) -> Vec<String> {
@@ -349,207 +256,6 @@ fn summary_of(lines: &[String]) -> Vec<String> {
         })
         .map(str::to_owned)
         .collect()
-}
-
-/// The folder for one run, below TMPDIR (the VM's ext4 scratch disk).
-struct WorkDir {
-    root: PathBuf,
-    /// Taken in `drop`, which decides whether to delete it.
-    dir: Option<tempfile::TempDir>,
-}
-
-impl WorkDir {
-    fn new(fs: PoolFs) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("lcsanity-{}-", fs.name()))
-            .tempdir()
-            .expect("creating the work folder under TMPDIR");
-        Self {
-            root: dir.path().to_owned(),
-            dir: Some(dir),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        &self.root
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let Some(dir) = self.dir.take() else { return };
-        // Never delete recursively through something still mounted.
-        unmount_all_under(dir.path());
-        if mounts_under(dir.path()).is_empty() {
-            drop(dir);
-        } else {
-            let kept = dir.keep();
-            say(&format!(
-                "left {} in place: something below it is still mounted",
-                kept.display()
-            ));
-        }
-    }
-}
-
-/// Unmounts everything below a folder when dropped: what a failed run left
-/// staged or published.
-struct UnmountOnDrop(PathBuf);
-
-impl Drop for UnmountOnDrop {
-    fn drop(&mut self) {
-        unmount_all_under(&self.0);
-    }
-}
-
-/// An xfs file system in an image file, attached to a loop device and
-/// mounted; unmounted and detached when dropped.
-struct XfsMount {
-    loop_device: PathBuf,
-    mount_point: PathBuf,
-}
-
-impl XfsMount {
-    fn new(image: &Path, mount_point: &Path) -> Self {
-        File::create(image)
-            .and_then(|file| file.set_len(XFS_IMAGE_BYTES))
-            .unwrap_or_else(|e| panic!("creating {}: {e}", image.display()));
-        let device = run(
-            "losetup",
-            &["--find".as_ref(), "--show".as_ref(), image.as_os_str()],
-        );
-        let loop_device = PathBuf::from(device.trim());
-        // From here on, Drop undoes whatever was done.
-        let xfs = Self {
-            loop_device,
-            mount_point: mount_point.to_owned(),
-        };
-        run(
-            "mkfs.xfs",
-            &["-q".as_ref(), "-f".as_ref(), xfs.loop_device.as_os_str()],
-        );
-        std::fs::create_dir(mount_point)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", mount_point.display()));
-        run(
-            "mount",
-            &[
-                "-t".as_ref(),
-                "xfs".as_ref(),
-                xfs.loop_device.as_os_str(),
-                mount_point.as_os_str(),
-            ],
-        );
-        xfs
-    }
-}
-
-impl Drop for XfsMount {
-    fn drop(&mut self) {
-        unmount_all_under(&self.mount_point);
-        let detached = Command::new("losetup")
-            .arg("-d")
-            .arg(&self.loop_device)
-            .output();
-        if !detached.is_ok_and(|output| output.status.success()) {
-            say(&format!("could not detach {}", self.loop_device.display()));
-        }
-    }
-}
-
-/// The driver process; stopped (SIGTERM, then SIGKILL) when dropped.
-struct Driver {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Driver {
-    fn start(args: &[&std::ffi::OsStr], log: &Path) -> Self {
-        let out = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-        let err = out.try_clone().expect("duplicating the log file handle");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_liveclone"));
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "info");
-        }
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", env!("CARGO_BIN_EXE_liveclone")));
-        Self {
-            child: Some(child),
-            log: log.to_owned(),
-        }
-    }
-
-    /// Waits until the socket accepts a connection, failing early if the
-    /// driver exits.
-    fn wait_for_socket(&mut self, socket: &Path, limit: Duration) {
-        let start = Instant::now();
-        loop {
-            let is_socket =
-                std::fs::symlink_metadata(socket).is_ok_and(|meta| meta.file_type().is_socket());
-            if is_socket && UnixStream::connect(socket).is_ok() {
-                return;
-            }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
-                        "the driver exited ({status}) before creating {}:\n{}",
-                        socket.display(),
-                        self.log_tail(DRIVER_LOG_TAIL)
-                    );
-                }
-            }
-            assert!(
-                start.elapsed() < limit,
-                "the driver did not listen on {} within {limit:?}:\n{}",
-                socket.display(),
-                self.log_tail(DRIVER_LOG_TAIL)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// SIGTERM, a bounded wait, then SIGKILL. Returns how it ended.
-    fn stop(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let start = Instant::now();
-        while start.elapsed() < DRIVER_STOP_WAIT {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        say(&format!(
-            "the driver did not exit within {DRIVER_STOP_WAIT:?} of SIGTERM; killing it"
-        ));
-        let _ = child.kill();
-        child.wait().ok()
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let mut text = String::new();
-        if let Err(e) = File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text)) {
-            return format!("(cannot read {}: {e})", self.log.display());
-        }
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 struct StreamedRun {
@@ -627,117 +333,11 @@ fn run_streamed(
     }
 }
 
-fn run(program: &str, args: &[&std::ffi::OsStr]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Mount points at or below `root`, deepest first, from this process's
-/// mount table.
-fn mounts_under(root: &Path) -> Vec<PathBuf> {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut points: Vec<PathBuf> = table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mount_path(field)))
-        .filter(|point| point.starts_with(root))
-        .collect();
-    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
-    points.dedup();
-    points
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo` octal.
-fn unescape_mount_path(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
-            let text = std::str::from_utf8(digits).ok()?;
-            u8::from_str_radix(text, 8).ok()
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Best effort, for cleanup: unmount every mount point below `root`, deepest
-/// first; a busy one is detached lazily.
-fn unmount_all_under(root: &Path) {
-    for point in mounts_under(root) {
-        let plain = Command::new("umount").arg(&point).output();
-        if plain.is_ok_and(|output| output.status.success()) {
-            continue;
-        }
-        let lazy = Command::new("umount").arg("-l").arg(&point).output();
-        let how = if lazy.is_ok_and(|output| output.status.success()) {
-            "detached lazily (busy)"
-        } else {
-            "could not be unmounted"
-        };
-        say(&format!("cleanup: {} {how}", point.display()));
-    }
-}
-
-/// Names of the device-mapper devices that exist now.
-fn dm_device_names() -> BTreeSet<String> {
-    let listing = run("dmsetup", &["ls".as_ref()]);
-    if listing.trim() == "No devices found" {
-        return BTreeSet::new();
-    }
-    listing
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Loop devices whose backing file is below `dir`, as `losetup` lists them.
-fn loop_devices_backed_under(dir: &Path) -> Vec<String> {
-    let listing = run(
-        "losetup",
-        &[
-            "--list".as_ref(),
-            "--noheadings".as_ref(),
-            "--output".as_ref(),
-            "NAME,BACK-FILE".as_ref(),
-        ],
-    );
-    listing
-        .lines()
-        .filter(|line| {
-            line.split_whitespace()
-                .nth(1)
-                .is_some_and(|file| Path::new(file).starts_with(dir))
-        })
-        .map(str::to_owned)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    // Tested here rather than in `common`, which every test binary compiles.
+    use common::unescape_mount_path;
 
     #[test]
     fn tools_cache_root_follows_the_scripts_order() {

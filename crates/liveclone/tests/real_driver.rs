@@ -17,57 +17,46 @@
 //! devices left at that moment (`LIVECLONE_TEST_SHOW_LOG=1` prints it after
 //! a test that passed too).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use liveclone::grpc::client::connect_unix;
-use liveclone::proto::admin::v1alpha1 as admin;
-use liveclone::proto::admin::v1alpha1::admin_client::AdminClient;
+use common::{
+    all_dm_devices, assert_single_linear, capability, clone_regions, create_request, describe,
+    dm_devices, dm_table, drop_caches, files_under, fs_usage, liveclone_cli, mounts_under, must,
+    open_direct, output_or_error, path_string, pool_loops, replace_table, require_real_kernel, run,
+    say, sha256_hex, table_sectors, to_i64, volume_source, Access, Aligned, Bench, Csi, Mounted,
+    OwnDevice, Pool, Source, BLOCK, KIB, MIB, SECTOR, SLOW,
+};
 use liveclone::proto::admin::v1alpha1::set_hydration_request::Action;
 use liveclone::proto::csi::v1 as csi;
-use liveclone::proto::csi::v1::controller_client::ControllerClient;
-use liveclone::proto::csi::v1::identity_client::IdentityClient;
-use liveclone::proto::csi::v1::node_client::NodeClient;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
 use tonic::Code;
 
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-const BLOCK: usize = 4096;
-const SECTOR: u64 = 512;
-const BIN: &str = env!("CARGO_BIN_EXE_liveclone");
-const NODE_ID: &str = "test-node";
-const DM_PREFIX: &str = "liveclone-";
-/// How long the driver may take to answer Probe with ready = true
-/// (recovery included).
-const START_LIMIT: Duration = Duration::from_secs(90);
-/// How long the driver may take to exit after SIGTERM.
-const STOP_LIMIT: Duration = Duration::from_secs(20);
-/// Lines of the driver's log printed when a test fails.
-const LOG_TAIL: usize = 400;
-/// Set to 1 to print the driver's whole log after a test that passed too
-/// (`vmtest test --env LIVECLONE_TEST_SHOW_LOG=1 ...`).
-const SHOW_LOG_ENV: &str = "LIVECLONE_TEST_SHOW_LOG";
 /// The xfs image that holds the pool of the xfs tests (sparse).
 const XFS_IMAGE_BYTES: u64 = 2 << 30;
-/// Tunables that make hydration slow enough to act during it (one 4 KiB
-/// region at a time), and fast ones to finish it.
-const SLOW: [(&str, &str); 2] = [
-    ("liveclone.io/hydrationThreshold", "1"),
-    ("liveclone.io/hydrationBatchSize", "1"),
+/// The driver's options beyond the bench's folders: frequent hydration
+/// readings, and a stall reported within seconds.
+const DRIVER_ARGS: &[&str] = &[
+    "--hydration-poll-seconds",
+    "0.5",
+    "--stall-after-seconds",
+    "5",
 ];
-const FAST_THRESHOLD: u32 = 4096;
-const FAST_BATCH: u32 = 1024;
+
+/// For the stall test: a reading every second, and a stall called after
+/// three seconds without progress.
+const STALL_DRIVER_ARGS: &[&str] = &[
+    "--hydration-poll-seconds",
+    "1",
+    "--stall-after-seconds",
+    "3",
+];
 
 /// One test at a time (see the module comment). A tokio mutex: it is held
 /// across awaits, and each test has its own runtime.
@@ -84,8 +73,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 async fn clone_of_a_filesystem_volume_is_usable_at_once_and_hydrates_to_linear() {
     let _serial = SERIAL.lock().await;
     require_real_kernel();
-    let mut bench = Bench::new("fsclone", PoolFs::Ext4);
-    let mut csi = bench.start_driver().await;
+    let mut bench = Bench::new("fsclone", Pool::Ext4);
+    let mut csi = bench.start_driver(DRIVER_ARGS).await;
 
     let source = must(
         "CreateVolume (source)",
@@ -172,7 +161,7 @@ async fn clone_of_a_filesystem_volume_is_usable_at_once_and_hydrates_to_linear()
     );
 
     let done = csi
-        .wait_complete(&bench, &clone.volume_id, Duration::from_secs(120))
+        .wait_complete(&clone.volume_id, Duration::from_secs(120))
         .await;
     bench.step(&format!("clone hydrated: {}", describe(&done)));
     assert_single_linear(&clone_dm, 128 * MIB);
@@ -226,50 +215,30 @@ async fn clone_of_a_filesystem_volume_is_usable_at_once_and_hydrates_to_linear()
 async fn source_deleted_during_hydration_keeps_the_clone_right() {
     let _serial = SERIAL.lock().await;
     require_real_kernel();
-    let mut bench = Bench::new("srcdel", PoolFs::Ext4);
-    let mut csi = bench.start_driver().await;
+    let mut bench = Bench::new("srcdel", Pool::Ext4);
+    let mut csi = bench.start_driver(DRIVER_ARGS).await;
     let size = 128 * MIB;
 
-    let source = must(
-        "CreateVolume (block source)",
-        csi.create_volume(&bench.name("source"), size, Access::Block, None, &[])
-            .await,
-    );
-    let source_mount = bench
-        .stage_publish(&mut csi, &source.volume_id, Access::Block, "source")
-        .await;
     let extents = vec![
         (0, pattern(21, 4 * MIB as usize)),
         (100 * MIB, pattern(22, MIB as usize + 3 * BLOCK)),
         (size - 16 * KIB, pattern(23, 16 * KIB as usize)),
     ];
-    write_extents(&source_mount.target, &extents);
+    let (source, source_mount) = block_source(&bench, &mut csi, size, &extents).await;
     let want = verify_device(&source_mount.target, size, &extents, "the source");
     bench.step(&format!(
         "source {} written, sha256 {want}",
         source.volume_id
     ));
 
-    let clone = must(
-        "CreateVolume (clone, slow hydration)",
-        csi.create_volume(
-            &bench.name("clone"),
-            size,
-            Access::Block,
-            Some(Source::Volume(&source.volume_id)),
-            &SLOW,
-        )
-        .await,
-    );
-    let paused = must(
-        "SetHydration PAUSE",
-        csi.set_hydration(&clone.volume_id, Action::Pause, None, None)
-            .await,
-    );
-    assert!(
-        paused.hydration.as_ref().is_some_and(|h| h.paused),
-        "PAUSE answered with {paused:?}"
-    );
+    let clone = paused_slow_clone(
+        &bench,
+        &mut csi,
+        size,
+        Access::Block,
+        Source::Volume(&source.volume_id),
+    )
+    .await;
     let clone_dm = csi.dm_name_of(&clone.volume_id).await;
     let (hydrated, total) = clone_regions(&clone_dm);
     bench.step(&format!(
@@ -311,23 +280,14 @@ async fn source_deleted_during_hydration_keeps_the_clone_right() {
         "clone reads right with its source deleted, at {hydrated}/{total} regions hydrated"
     ));
 
-    must(
-        "SetHydration TUNE",
-        csi.set_hydration(
-            &clone.volume_id,
-            Action::Tune,
-            Some(FAST_THRESHOLD),
-            Some(FAST_BATCH),
-        )
-        .await,
-    );
+    csi.tune_fast(&clone.volume_id).await;
     must(
         "SetHydration RESUME",
         csi.set_hydration(&clone.volume_id, Action::Resume, None, None)
             .await,
     );
     let done = csi
-        .wait_complete(&bench, &clone.volume_id, Duration::from_secs(180))
+        .wait_complete(&clone.volume_id, Duration::from_secs(180))
         .await;
     bench.step(&format!("clone hydrated: {}", describe(&done)));
     assert_single_linear(&clone_dm, size);
@@ -350,7 +310,7 @@ async fn source_deleted_during_hydration_keeps_the_clone_right() {
 async fn snapshot_then_restore_on_an_ext4_pool() {
     let _serial = SERIAL.lock().await;
     require_real_kernel();
-    snapshot_then_restore(PoolFs::Ext4).await;
+    snapshot_then_restore(Pool::Ext4).await;
 }
 
 /// The same on xfs, where the cut is a reflink and the source is untouched.
@@ -358,12 +318,12 @@ async fn snapshot_then_restore_on_an_ext4_pool() {
 async fn snapshot_then_restore_on_an_xfs_pool() {
     let _serial = SERIAL.lock().await;
     require_real_kernel();
-    snapshot_then_restore(PoolFs::Xfs).await;
+    snapshot_then_restore(Pool::Xfs(XFS_IMAGE_BYTES)).await;
 }
 
-async fn snapshot_then_restore(fs: PoolFs) {
+async fn snapshot_then_restore(fs: Pool) {
     let mut bench = Bench::new(&format!("snap{}", fs.name()), fs);
-    let mut csi = bench.start_driver().await;
+    let mut csi = bench.start_driver(DRIVER_ARGS).await;
     let size = 64 * MIB;
 
     let source = must(
@@ -397,12 +357,12 @@ async fn snapshot_then_restore(fs: PoolFs) {
     ));
     match fs {
         // Reflink: the volume's file is shared, nothing to copy back.
-        PoolFs::Xfs => assert!(
+        Pool::Xfs(_) => assert!(
             source_status.hydration.is_none(),
             "on xfs the cut should be a reflink, but the source hydrates: {source_status:?}"
         ),
         // Redirect: the volume now reads the image and copies it back.
-        PoolFs::Ext4 => assert!(
+        Pool::Ext4 | Pool::LargeExt4(_) => assert!(
             source_status.hydration.is_some(),
             "on ext4 the cut must redirect the source into a clone of the image: \
              {source_status:?}"
@@ -449,12 +409,12 @@ async fn snapshot_then_restore(fs: PoolFs) {
     bench.step("restore holds the cut's data, source the later data");
 
     let done = csi
-        .wait_complete(&bench, &restore.volume_id, Duration::from_secs(120))
+        .wait_complete(&restore.volume_id, Duration::from_secs(120))
         .await;
     bench.step(&format!("restore hydrated: {}", describe(&done)));
-    if fs == PoolFs::Ext4 {
+    if fs == Pool::Ext4 {
         let done = csi
-            .wait_complete(&bench, &source.volume_id, Duration::from_secs(120))
+            .wait_complete(&source.volume_id, Duration::from_secs(120))
             .await;
         bench.step(&format!("source hydrated back: {}", describe(&done)));
     }
@@ -506,24 +466,18 @@ async fn snapshot_then_restore(fs: PoolFs) {
 async fn killed_driver_resumes_hydration_and_leaks_nothing() {
     let _serial = SERIAL.lock().await;
     require_real_kernel();
-    let mut bench = Bench::new("killed", PoolFs::Ext4);
-    let mut csi = bench.start_driver().await;
+    let mut bench = Bench::new("killed", Pool::Ext4);
+    let mut csi = bench.start_driver(DRIVER_ARGS).await;
     let size = 256 * MIB;
 
-    let source = must(
-        "CreateVolume (block source)",
-        csi.create_volume(&bench.name("source"), size, Access::Block, None, &[])
-            .await,
-    );
-    let source_mount = bench
-        .stage_publish(&mut csi, &source.volume_id, Access::Block, "source")
-        .await;
+    // Enough data that the slow copy outlasts the kill and the restart
+    // (the driver does not copy what is a hole in the source's image).
     let extents = vec![
-        (0, pattern(41, 8 * MIB as usize)),
-        (192 * MIB, pattern(42, 4 * MIB as usize)),
+        (0, pattern(41, 40 * MIB as usize)),
+        (192 * MIB, pattern(42, 24 * MIB as usize)),
         (size - 64 * KIB, pattern(43, 64 * KIB as usize)),
     ];
-    write_extents(&source_mount.target, &extents);
+    let (source, source_mount) = block_source(&bench, &mut csi, size, &extents).await;
     bench.unpublish_unstage(&mut csi, &source_mount).await;
 
     let request = create_request(
@@ -608,7 +562,7 @@ async fn killed_driver_resumes_hydration_and_leaks_nothing() {
         progress.hydrated_bytes
     ));
 
-    let mut csi = bench.start_driver().await;
+    let mut csi = bench.start_driver(DRIVER_ARGS).await;
     let resumed = csi
         .wait_hydration(&clone.volume_id, Duration::from_secs(60), |h| {
             h.hydrated_bytes > 0 || h.phase == "Complete"
@@ -657,23 +611,9 @@ async fn killed_driver_resumes_hydration_and_leaks_nothing() {
     assert_eq!(again.capacity_bytes, clone.capacity_bytes);
     assert_eq!(again.content_source, clone.content_source);
 
-    let tuned = must(
-        "SetHydration TUNE",
-        csi.set_hydration(
-            &clone.volume_id,
-            Action::Tune,
-            Some(FAST_THRESHOLD),
-            Some(FAST_BATCH),
-        )
-        .await,
-    );
-    let tuned = tuned.hydration.expect("TUNE answered without hydration");
-    assert_eq!(
-        (tuned.threshold, tuned.batch_size),
-        (FAST_THRESHOLD, FAST_BATCH)
-    );
+    csi.tune_fast(&clone.volume_id).await;
     let done = csi
-        .wait_complete(&bench, &clone.volume_id, Duration::from_secs(300))
+        .wait_complete(&clone.volume_id, Duration::from_secs(300))
         .await;
     bench.step(&format!("clone hydrated: {}", describe(&done)));
     assert_single_linear(&clone_dm, size);
@@ -709,8 +649,8 @@ async fn killed_driver_resumes_hydration_and_leaks_nothing() {
 async fn expansion_during_hydration() {
     let _serial = SERIAL.lock().await;
     require_real_kernel();
-    let mut bench = Bench::new("expand", PoolFs::Ext4);
-    let mut csi = bench.start_driver().await;
+    let mut bench = Bench::new("expand", Pool::Ext4);
+    let mut csi = bench.start_driver(DRIVER_ARGS).await;
     let size = 64 * MIB;
     let grown = 160 * MIB;
 
@@ -726,22 +666,14 @@ async fn expansion_during_hydration() {
     write_files(&source_mount.target, &files);
     bench.unpublish_unstage(&mut csi, &source_mount).await;
 
-    let clone = must(
-        "CreateVolume (clone, slow hydration)",
-        csi.create_volume(
-            &bench.name("clone"),
-            size,
-            Access::Ext4,
-            Some(Source::Volume(&source.volume_id)),
-            &SLOW,
-        )
-        .await,
-    );
-    must(
-        "SetHydration PAUSE",
-        csi.set_hydration(&clone.volume_id, Action::Pause, None, None)
-            .await,
-    );
+    let clone = paused_slow_clone(
+        &bench,
+        &mut csi,
+        size,
+        Access::Ext4,
+        Source::Volume(&source.volume_id),
+    )
+    .await;
     let clone_dm = csi.dm_name_of(&clone.volume_id).await;
     let clone_mount = bench
         .stage_publish(&mut csi, &clone.volume_id, Access::Ext4, "clone")
@@ -827,23 +759,14 @@ async fn expansion_during_hydration() {
     clone_files.insert("big.bin".to_owned(), big);
     sync_dir(&clone_mount.target);
 
-    must(
-        "SetHydration TUNE",
-        csi.set_hydration(
-            &clone.volume_id,
-            Action::Tune,
-            Some(FAST_THRESHOLD),
-            Some(FAST_BATCH),
-        )
-        .await,
-    );
+    csi.tune_fast(&clone.volume_id).await;
     must(
         "SetHydration RESUME",
         csi.set_hydration(&clone.volume_id, Action::Resume, None, None)
             .await,
     );
     let done = csi
-        .wait_complete(&bench, &clone.volume_id, Duration::from_secs(180))
+        .wait_complete(&clone.volume_id, Duration::from_secs(180))
         .await;
     bench.step(&format!("clone hydrated: {}", describe(&done)));
     let table = dm_table(&clone_dm);
@@ -887,8 +810,8 @@ async fn expansion_during_hydration() {
 async fn bad_input_changes_nothing() {
     let _serial = SERIAL.lock().await;
     require_real_kernel();
-    let mut bench = Bench::new("badinput", PoolFs::Ext4);
-    let mut csi = bench.start_driver().await;
+    let mut bench = Bench::new("badinput", Pool::Ext4);
+    let mut csi = bench.start_driver(DRIVER_ARGS).await;
     let size = 64 * MIB;
 
     let source = must(
@@ -897,7 +820,7 @@ async fn bad_input_changes_nothing() {
             .await,
     );
     let outside = bench.root.join("outside");
-    let before = bench.inventory();
+    let before = inventory(&bench);
     let listed_before = csi.admin_list().await.len();
 
     let region_3k: &[(&str, &str)] = &[("liveclone.io/regionSize", "3KiB")];
@@ -983,7 +906,7 @@ async fn bad_input_changes_nothing() {
         "{} was created by a refused request",
         outside.display()
     );
-    let after = bench.inventory();
+    let after = inventory(&bench);
     assert_eq!(
         before, after,
         "refused requests changed devices, loops, files or mounts"
@@ -1002,8 +925,230 @@ async fn bad_input_changes_nothing() {
     bench.step("passed");
 }
 
+/// A clone whose source fails: dm-clone retries every failed copy forever
+/// and reports nothing, so only the standing hydrated count shows it. The
+/// driver must call the clone Stalled within its stall time, with a reason
+/// that points at I/O errors and the kernel log, in the admin API, in
+/// `liveclone status --json` and in the CSI volume condition; and once the
+/// source reads again, hydration must go on by itself to the linear switch,
+/// with the source's data.
+///
+/// The failing disk is a device-mapper device of the test's own, put
+/// between the clone and its source image without the driver knowing (the
+/// clone's table is reloaded with it as the source, as the kernel would
+/// see a source disk that fails): `linear` over the image, then `error`,
+/// then `linear` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_hydration_is_reported_and_recovers() {
+    let _serial = SERIAL.lock().await;
+    require_real_kernel();
+    // Declared before the bench so that it drops after it: on a failure the
+    // bench first removes the driver's clone, which reads through it.
+    let mut failing_source: Option<OwnDevice> = None;
+    let mut bench = Bench::new("stall", Pool::Ext4);
+    let mut csi = bench.start_driver(STALL_DRIVER_ARGS).await;
+    let size = 64 * MIB;
+
+    // Enough data that the slow copy, once the source reads again, lasts
+    // well beyond the driver's next readings (holes in the snapshot's image
+    // are not copied).
+    let extents = vec![
+        (0, pattern(61, 24 * MIB as usize)),
+        (40 * MIB, pattern(62, 16 * MIB as usize + 5 * BLOCK)),
+        (size - 8 * KIB, pattern(63, 8 * KIB as usize)),
+    ];
+    let (source, source_mount) = block_source(&bench, &mut csi, size, &extents).await;
+    let want = verify_device(&source_mount.target, size, &extents, "the source");
+    bench.unpublish_unstage(&mut csi, &source_mount).await;
+    let snapshot = must(
+        "CreateSnapshot",
+        csi.create_snapshot(&bench.name("snap"), &source.volume_id)
+            .await,
+    );
+    // The snapshot's image holds the data from here on. On this ext4 pool
+    // the cut made the source copy itself back from the image: gone, it
+    // does not compete with the clone.
+    must(
+        "DeleteVolume (source)",
+        csi.delete_volume(&source.volume_id).await,
+    );
+    bench.step(&format!(
+        "snapshot {} of the source (sha256 {want}) cut; source deleted",
+        snapshot.snapshot_id
+    ));
+
+    // Paused: nothing is copied while the source is swapped.
+    let clone = paused_slow_clone(
+        &bench,
+        &mut csi,
+        size,
+        Access::Block,
+        Source::Snapshot(&snapshot.snapshot_id),
+    )
+    .await;
+    let clone_dm = csi.dm_name_of(&clone.volume_id).await;
+    // Published before the swap: NodeStageVolume brings the device in line
+    // with its record, which would undo the swap.
+    let clone_mount = bench
+        .stage_publish(&mut csi, &clone.volume_id, Access::Block, "clone")
+        .await;
+
+    let table = dm_table(&clone_dm);
+    let image = clone_source(&table);
+    let image_sectors = device_sectors(&image);
+    let linear = format!("0 {image_sectors} linear {image} 0");
+    let device = failing_source.insert(
+        OwnDevice::create(&format!("lctest-errsrc-{}", std::process::id()), &linear)
+            .unwrap_or_else(|e| panic!("creating the failing source: {e:#}")),
+    );
+    let device_number = device.device_number().unwrap_or_else(|e| panic!("{e:#}"));
+    replace_table(&clone_dm, &with_clone_source(&table, &device_number))
+        .unwrap_or_else(|e| panic!("swapping the clone's source: {e:#}"));
+    let swapped = dm_table(&clone_dm);
+    assert_eq!(
+        clone_source(&swapped),
+        device_number,
+        "the clone does not read {}:\n{swapped}",
+        device.name()
+    );
+    device
+        .replace_table(&format!("0 {image_sectors} error"))
+        .unwrap_or_else(|e| panic!("failing the source: {e:#}"));
+    bench.step(&format!(
+        "clone {} paused at {:?} regions; it now reads its source through {} ({device_number}), \
+         which fails every read (the image is {image})",
+        clone.volume_id,
+        clone_regions(&clone_dm),
+        device.name()
+    ));
+
+    must(
+        "SetHydration RESUME",
+        csi.set_hydration(&clone.volume_id, Action::Resume, None, None)
+            .await,
+    );
+    let resumed_at = Instant::now();
+    let stalled = csi
+        .wait_hydration(&clone.volume_id, Duration::from_secs(120), |h| {
+            h.phase == "Stalled"
+        })
+        .await;
+    bench.step(&format!(
+        "Stalled {:.1} s after the resume: {}",
+        resumed_at.elapsed().as_secs_f64(),
+        describe(&stalled)
+    ));
+    assert_points_at_io_errors("the admin API's message", &stalled.message);
+    assert!(
+        stalled.hydrated_bytes < stalled.total_bytes,
+        "{}",
+        describe(&stalled)
+    );
+    // What the stall is inferred from: the kernel's count stands still.
+    let before = clone_regions(&clone_dm);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = clone_regions(&clone_dm);
+    assert_eq!(
+        before, after,
+        "the clone made progress while its source failed every read"
+    );
+    let kernel_lines: Vec<String> = output_or_error("dmesg", &[])
+        .lines()
+        .filter(|line| line.contains("hydration"))
+        .map(str::to_owned)
+        .collect();
+    bench.step(&format!(
+        "the kernel's count stays at {after:?}; {} kernel log lines about hydration, the last: \
+         {:?}",
+        kernel_lines.len(),
+        kernel_lines.last()
+    ));
+
+    let json = liveclone_cli(&["status", "--json", "--endpoint", &bench.endpoint]);
+    let entry = status_entry(&json, &clone.volume_id);
+    assert_eq!(entry["hydration"]["phase"], "Stalled", "{entry}");
+    assert_points_at_io_errors(
+        "liveclone status --json",
+        entry["hydration"]["message"].as_str().unwrap_or_default(),
+    );
+    let (controller, node) = conditions(&mut csi, &clone_mount).await;
+    bench.step(&format!(
+        "volume condition: ControllerGetVolume {controller:?}, NodeGetVolumeStats {node:?}"
+    ));
+    for (what, condition) in [
+        ("ControllerGetVolume", &controller),
+        ("NodeGetVolumeStats", &node),
+    ] {
+        assert!(condition.abnormal, "{what}: {condition:?}");
+        assert_points_at_io_errors(what, &condition.message);
+    }
+
+    // The disk is back.
+    device
+        .replace_table(&linear)
+        .unwrap_or_else(|e| panic!("repairing the source: {e:#}"));
+    let recovered = csi
+        .wait_hydration(&clone.volume_id, Duration::from_secs(120), |h| {
+            h.phase != "Stalled"
+        })
+        .await;
+    bench.step(&format!(
+        "the source reads again; the clone: {}",
+        describe(&recovered)
+    ));
+    assert_eq!(recovered.phase, "Hydrating", "{}", describe(&recovered));
+    assert!(
+        recovered.hydrated_bytes > stalled.hydrated_bytes,
+        "{}",
+        describe(&recovered)
+    );
+    let (controller, node) = conditions(&mut csi, &clone_mount).await;
+    assert!(
+        !controller.abnormal && !node.abnormal,
+        "the volume condition stays abnormal after the recovery: {controller:?}, {node:?}"
+    );
+
+    csi.tune_fast(&clone.volume_id).await;
+    let done = csi
+        .wait_complete(&clone.volume_id, Duration::from_secs(300))
+        .await;
+    bench.step(&format!("clone hydrated: {}", describe(&done)));
+    assert_single_linear(&clone_dm, size);
+    let got = verify_device(
+        &clone_mount.target,
+        size,
+        &extents,
+        "the clone hydrated through the stall",
+    );
+    assert_eq!(got, want, "the clone differs from its source");
+
+    // The linear clone no longer reads the failing source.
+    let name = device.name().to_owned();
+    failing_source
+        .take()
+        .map(OwnDevice::remove)
+        .transpose()
+        .unwrap_or_else(|e| panic!("removing {name}: {e:#}"));
+    assert!(!all_dm_devices().contains(&name), "{name} is still there");
+    bench.unpublish_unstage(&mut csi, &clone_mount).await;
+    must(
+        "DeleteVolume (clone)",
+        csi.delete_volume(&clone.volume_id).await,
+    );
+    must(
+        "DeleteSnapshot",
+        csi.delete_snapshot(&snapshot.snapshot_id).await,
+    );
+    assert!(
+        csi.admin_list().await.is_empty(),
+        "volumes are still listed after every volume was deleted"
+    );
+    bench.assert_nothing_left();
+    bench.step("passed");
+}
+
 // ---------------------------------------------------------------------------
-// The bench: a work folder, a pool, the driver process, and clean-up.
+// Checks of this file.
 
 /// A CreateVolume the driver must refuse: name suffix, source, size,
 /// parameters, and the code it must answer.
@@ -1015,87 +1160,6 @@ type RefusedCreate<'a> = (
     Code,
 );
 
-/// The same check as the bench's smoke tests: these tests create devices
-/// and mounts, so they run in the VM, or on a host only when asked to.
-fn require_real_kernel() {
-    let in_vm = std::env::var_os("LIVECLONE_IN_VM").is_some_and(|v| v == "1");
-    let on_host = std::env::var_os("LIVECLONE_TEST_ON_HOST").is_some_and(|v| v == "1");
-    assert!(
-        in_vm || on_host,
-        "real-kernel tests run in the test VM (`make test-vm`), or on a host with dm-clone \
-         when LIVECLONE_TEST_ON_HOST=1"
-    );
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PoolFs {
-    /// The pool in the scratch disk's own ext4 (the VM's TMPDIR): no reflink.
-    Ext4,
-    /// The pool on a fresh xfs in a loop-mounted image: reflink.
-    Xfs,
-}
-
-impl PoolFs {
-    fn name(self) -> &'static str {
-        match self {
-            PoolFs::Ext4 => "ext4",
-            PoolFs::Xfs => "xfs",
-        }
-    }
-}
-
-/// An xfs file system in an image file, on a loop device, mounted.
-struct XfsPool {
-    loop_device: PathBuf,
-    mount_point: PathBuf,
-}
-
-impl XfsPool {
-    fn new(image: &Path, mount_point: &Path) -> Self {
-        File::create(image)
-            .and_then(|file| file.set_len(XFS_IMAGE_BYTES))
-            .unwrap_or_else(|e| panic!("creating {}: {e}", image.display()));
-        let device = run(
-            "losetup",
-            &["--find".as_ref(), "--show".as_ref(), image.as_os_str()],
-        );
-        let pool = Self {
-            loop_device: PathBuf::from(device.trim()),
-            mount_point: mount_point.to_owned(),
-        };
-        run(
-            "mkfs.xfs",
-            &["-q".as_ref(), "-f".as_ref(), pool.loop_device.as_os_str()],
-        );
-        std::fs::create_dir(mount_point)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", mount_point.display()));
-        run(
-            "mount",
-            &[
-                "-t".as_ref(),
-                "xfs".as_ref(),
-                pool.loop_device.as_os_str(),
-                mount_point.as_os_str(),
-            ],
-        );
-        pool
-    }
-
-    fn tear_down(&self) {
-        unmount_all_under(&self.mount_point);
-        let detached = Command::new("losetup")
-            .arg("-d")
-            .arg(&self.loop_device)
-            .output();
-        if !detached.is_ok_and(|output| output.status.success()) {
-            say(&format!(
-                "cleanup: could not detach {}",
-                self.loop_device.display()
-            ));
-        }
-    }
-}
-
 /// Everything a refused request must leave as it was.
 #[derive(Debug, PartialEq, Eq)]
 struct Inventory {
@@ -1106,692 +1170,15 @@ struct Inventory {
     mounts: Vec<PathBuf>,
 }
 
-struct Bench {
-    label: String,
-    dir: Option<tempfile::TempDir>,
-    root: PathBuf,
-    pool: PathBuf,
-    state: PathBuf,
-    mnt: PathBuf,
-    endpoint: String,
-    log: PathBuf,
-    xfs: Option<XfsPool>,
-    driver: Option<Child>,
-    starts: u32,
-    dm_before: BTreeSet<String>,
-    started: Instant,
-}
-
-impl Bench {
-    fn new(label: &str, fs: PoolFs) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("lcd-")
-            .tempdir()
-            .expect("creating the work folder under TMPDIR");
-        let root = dir
-            .path()
-            .canonicalize()
-            .expect("resolving the work folder");
-        let mnt = root.join("mnt");
-        let state = root.join("state");
-        for folder in [&mnt, &state] {
-            std::fs::create_dir(folder)
-                .unwrap_or_else(|e| panic!("creating {}: {e}", folder.display()));
-        }
-        let mut bench = Self {
-            label: label.to_owned(),
-            dir: Some(dir),
-            pool: root.join("pool"),
-            state,
-            mnt,
-            endpoint: format!("unix://{}", root.join("csi.sock").display()),
-            log: root.join("driver.log"),
-            xfs: None,
-            driver: None,
-            starts: 0,
-            dm_before: dm_devices(),
-            started: Instant::now(),
-            root,
-        };
-        if fs == PoolFs::Xfs {
-            let xfs = XfsPool::new(&bench.root.join("pool.xfs"), &bench.root.join("xfs"));
-            bench.pool = xfs.mount_point.join("pool");
-            bench.xfs = Some(xfs);
-        }
-        std::fs::create_dir(&bench.pool)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", bench.pool.display()));
-        let magic = nix::sys::statfs::statfs(&bench.pool)
-            .expect("statfs of the pool")
-            .filesystem_type();
-        let want = match fs {
-            PoolFs::Ext4 => nix::sys::statfs::EXT4_SUPER_MAGIC,
-            PoolFs::Xfs => nix::sys::statfs::XFS_SUPER_MAGIC,
-        };
-        assert!(
-            magic == want,
-            "the pool {} is not on {} ({magic:?})",
-            bench.pool.display(),
-            fs.name()
-        );
-        bench.step(&format!(
-            "pool on {} at {}",
-            fs.name(),
-            bench.pool.display()
-        ));
-        bench
+/// What the kernel, the pool and the state folder hold now.
+fn inventory(bench: &Bench) -> Inventory {
+    Inventory {
+        devices: dm_devices(),
+        loops: pool_loops(&bench.pool),
+        pool_files: files_under(&bench.pool),
+        state_files: files_under(&bench.state),
+        mounts: mounts_under(&bench.root),
     }
-
-    /// A CO name unique to this test and process.
-    fn name(&self, what: &str) -> String {
-        format!("{}-{what}-{}", self.label, std::process::id())
-    }
-
-    fn step(&self, message: &str) {
-        say(&format!(
-            "[{} +{:.1}s] {message}",
-            self.label,
-            self.started.elapsed().as_secs_f64()
-        ));
-    }
-
-    /// Starts `liveclone standalone` and waits until Probe says ready.
-    async fn start_driver(&mut self) -> Csi {
-        assert!(self.driver.is_none(), "the driver is already running");
-        self.starts += 1;
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap_or_else(|e| panic!("opening {}: {e}", self.log.display()));
-        let _ = writeln!(log, "===== test: driver start #{} =====", self.starts);
-        let err = log.try_clone().expect("duplicating the log handle");
-        let mut command = Command::new(driver_binary());
-        let args: Vec<&OsStr> = vec![
-            OsStr::new("standalone"),
-            OsStr::new("--endpoint"),
-            OsStr::new(&self.endpoint),
-            OsStr::new("--state-dir"),
-            self.state.as_os_str(),
-            OsStr::new("--pool-dir"),
-            self.pool.as_os_str(),
-            OsStr::new("--node-id"),
-            OsStr::new(NODE_ID),
-            OsStr::new("--allowed-mount-root"),
-            self.mnt.as_os_str(),
-            OsStr::new("--hydration-poll-seconds"),
-            OsStr::new("0.5"),
-            OsStr::new("--stall-after-seconds"),
-            OsStr::new("5"),
-        ];
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env(
-                "RUST_LOG",
-                "debug,h2=info,hyper=info,hyper_util=info,tower=info,tonic=info",
-            );
-        }
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", driver_binary().display()));
-        self.driver = Some(child);
-
-        let started = Instant::now();
-        let mut last_problem = String::from("no socket yet");
-        loop {
-            if let Some(child) = self.driver.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.driver = None;
-                    panic!("the driver exited ({status}) while starting: {last_problem}");
-                }
-            }
-            match connect_unix(&self.endpoint).await {
-                Ok(channel) => {
-                    let mut identity = IdentityClient::new(channel.clone());
-                    match identity.probe(csi::ProbeRequest {}).await {
-                        Ok(response) if response.get_ref().ready == Some(true) => {
-                            self.step(&format!(
-                                "driver #{} ready in {:.1} s",
-                                self.starts,
-                                started.elapsed().as_secs_f64()
-                            ));
-                            return Csi::new(channel);
-                        }
-                        Ok(response) => last_problem = format!("Probe: {:?}", response.get_ref()),
-                        Err(status) if status.code() == Code::FailedPrecondition => {
-                            panic!("the driver is unhealthy: {}", status.message())
-                        }
-                        Err(status) => last_problem = format!("Probe: {status}"),
-                    }
-                }
-                Err(e) => last_problem = format!("{e:#}"),
-            }
-            assert!(
-                started.elapsed() < START_LIMIT,
-                "the driver was not ready within {START_LIMIT:?}: {last_problem}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// SIGKILL: no shutdown code runs, as in a node crash of the process.
-    fn kill_driver(&mut self) {
-        let mut child = self.driver.take().expect("the driver is not running");
-        child.kill().expect("SIGKILL to the driver");
-        let status = child.wait().expect("reaping the driver");
-        let mut log = OpenOptions::new().append(true).open(&self.log).ok();
-        if let Some(log) = log.as_mut() {
-            let _ = writeln!(log, "===== test: driver killed ({status}) =====");
-        }
-    }
-
-    /// SIGTERM, a bounded wait, then SIGKILL.
-    fn stop_driver(&mut self) {
-        let Some(mut child) = self.driver.take() else {
-            return;
-        };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let start = Instant::now();
-        while start.elapsed() < STOP_LIMIT {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        say("the driver did not exit after SIGTERM; killing it");
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-
-    async fn stage_publish(
-        &self,
-        csi: &mut Csi,
-        volume_id: &str,
-        access: Access,
-        tag: &str,
-    ) -> Mounted {
-        // As kubelet does: the CO makes the staging folder and the target's
-        // parent; the driver makes the target.
-        let staging = self.mnt.join(format!("{tag}-staging"));
-        std::fs::create_dir_all(&staging)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", staging.display()));
-        let target = self.mnt.join(format!("{tag}-target"));
-        must(
-            &format!("NodeStageVolume ({tag})"),
-            csi.node
-                .node_stage_volume(csi::NodeStageVolumeRequest {
-                    volume_id: volume_id.to_owned(),
-                    staging_target_path: path_string(&staging),
-                    volume_capability: Some(capability(access)),
-                    ..Default::default()
-                })
-                .await,
-        );
-        must(
-            &format!("NodePublishVolume ({tag})"),
-            csi.node
-                .node_publish_volume(csi::NodePublishVolumeRequest {
-                    volume_id: volume_id.to_owned(),
-                    staging_target_path: path_string(&staging),
-                    target_path: path_string(&target),
-                    volume_capability: Some(capability(access)),
-                    readonly: false,
-                    ..Default::default()
-                })
-                .await,
-        );
-        let kind = std::fs::metadata(&target)
-            .unwrap_or_else(|e| panic!("the published {} is missing: {e}", target.display()));
-        match access {
-            Access::Ext4 => assert!(
-                mounts_under(&self.mnt).contains(&target) && kind.is_dir(),
-                "{} is not a mounted folder after NodePublishVolume",
-                target.display()
-            ),
-            Access::Block => {
-                use std::os::unix::fs::FileTypeExt;
-                assert!(
-                    kind.file_type().is_block_device(),
-                    "{} is not a block device after NodePublishVolume",
-                    target.display()
-                );
-            }
-        }
-        Mounted {
-            volume_id: volume_id.to_owned(),
-            staging,
-            target,
-        }
-    }
-
-    async fn unpublish_unstage(&self, csi: &mut Csi, mounted: &Mounted) {
-        must(
-            "NodeUnpublishVolume",
-            csi.node
-                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                    volume_id: mounted.volume_id.clone(),
-                    target_path: path_string(&mounted.target),
-                })
-                .await,
-        );
-        must(
-            "NodeUnstageVolume",
-            csi.node
-                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                    volume_id: mounted.volume_id.clone(),
-                    staging_target_path: path_string(&mounted.staging),
-                })
-                .await,
-        );
-        assert!(
-            !mounted.target.exists(),
-            "NodeUnpublishVolume left {}",
-            mounted.target.display()
-        );
-        let left = mounts_under(&mounted.staging);
-        assert!(
-            left.is_empty(),
-            "still mounted after NodeUnstageVolume: {left:?}"
-        );
-        // The CO removes the staging folder.
-        let _ = std::fs::remove_dir(&mounted.staging);
-    }
-
-    fn inventory(&self) -> Inventory {
-        Inventory {
-            devices: dm_devices(),
-            loops: pool_loops(&self.pool),
-            pool_files: files_under(&self.pool),
-            state_files: files_under(&self.state),
-            mounts: mounts_under(&self.root),
-        }
-    }
-
-    /// After every volume and snapshot was deleted: no device, loop, pool
-    /// file or mount of ours.
-    fn assert_nothing_left(&self) {
-        let devices: Vec<String> = dm_devices().difference(&self.dm_before).cloned().collect();
-        let loops = pool_loops(&self.pool);
-        let pool_files = files_under(&self.pool);
-        let mounts = mounts_under(&self.mnt);
-        assert!(
-            devices.is_empty() && loops.is_empty() && pool_files.is_empty() && mounts.is_empty(),
-            "left after everything was deleted:\n  devices {devices:?}\n  loops {loops:?}\n  \
-             pool files {pool_files:?}\n  mounts {mounts:?}"
-        );
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let mut text = String::new();
-        if let Err(e) = File::open(&self.log).and_then(|mut f| f.read_to_string(&mut text)) {
-            return format!("(cannot read {}: {e})", self.log.display());
-        }
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// What a failure report needs besides the log.
-    fn kernel_state(&self) -> String {
-        let mut out = String::new();
-        for name in dm_devices() {
-            let table = try_run("dmsetup", &["table", &name]);
-            let status = try_run("dmsetup", &["status", "--noflush", &name]);
-            out.push_str(&format!("{name}:\n  table  {table}\n  status {status}\n"));
-        }
-        out.push_str(&format!("pool loops: {:?}\n", pool_loops(&self.pool)));
-        out.push_str(&format!("pool files: {:?}\n", files_under(&self.pool)));
-        out.push_str(&format!("mounts: {:?}\n", mounts_under(&self.root)));
-        out
-    }
-}
-
-impl Drop for Bench {
-    fn drop(&mut self) {
-        if !std::thread::panicking() && std::env::var_os(SHOW_LOG_ENV).is_some_and(|v| v == "1") {
-            say(&format!(
-                "[{}] --- the driver's log ({SHOW_LOG_ENV}=1) ---\n{}\n--- end of the driver's log ---",
-                self.label,
-                self.log_tail(usize::MAX)
-            ));
-        }
-        if std::thread::panicking() {
-            say(&format!(
-                "[{}] FAILED after {:.1} s; kernel state:\n{}\n--- last {LOG_TAIL} lines of the \
-                 driver's log ({}) ---\n{}\n--- end of the driver's log ---",
-                self.label,
-                self.started.elapsed().as_secs_f64(),
-                self.kernel_state(),
-                self.log.display(),
-                self.log_tail(LOG_TAIL)
-            ));
-        }
-        self.stop_driver();
-        unmount_all_under(&self.mnt);
-        unmount_all_under(&self.state);
-        for name in dm_devices().difference(&self.dm_before) {
-            let removed = Command::new("dmsetup")
-                .args(["remove", "--retry", name])
-                .output();
-            if !removed.is_ok_and(|o| o.status.success()) {
-                let forced = Command::new("dmsetup")
-                    .args(["remove", "--force", "--retry", name])
-                    .output();
-                if !forced.is_ok_and(|o| o.status.success()) {
-                    say(&format!("cleanup: could not remove device {name}"));
-                }
-            }
-        }
-        for device in pool_loops(&self.pool).keys() {
-            let detached = Command::new("losetup").args(["-d", device]).output();
-            if !detached.is_ok_and(|o| o.status.success()) {
-                say(&format!("cleanup: could not detach {device}"));
-            }
-        }
-        if let Some(xfs) = self.xfs.take() {
-            xfs.tear_down();
-        }
-        if let Some(dir) = self.dir.take() {
-            // Never delete recursively through something still mounted.
-            if mounts_under(&self.root).is_empty() {
-                drop(dir);
-            } else {
-                let kept = dir.keep();
-                say(&format!(
-                    "cleanup: left {} in place: something below it is still mounted",
-                    kept.display()
-                ));
-            }
-        }
-    }
-}
-
-/// A staged and published volume.
-struct Mounted {
-    volume_id: String,
-    staging: PathBuf,
-    target: PathBuf,
-}
-
-// ---------------------------------------------------------------------------
-// The driver's APIs.
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Access {
-    Block,
-    Ext4,
-}
-
-fn capability(access: Access) -> csi::VolumeCapability {
-    use csi::volume_capability::access_mode::Mode;
-    use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
-    csi::VolumeCapability {
-        access_type: Some(match access {
-            Access::Block => AccessType::Block(BlockVolume {}),
-            Access::Ext4 => AccessType::Mount(MountVolume {
-                fs_type: "ext4".to_owned(),
-                ..Default::default()
-            }),
-        }),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter.into(),
-        }),
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Source<'a> {
-    Volume(&'a str),
-    Snapshot(&'a str),
-}
-
-fn volume_source(id: &str) -> csi::VolumeContentSource {
-    content_source(Source::Volume(id))
-}
-
-fn content_source(source: Source<'_>) -> csi::VolumeContentSource {
-    use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
-    csi::VolumeContentSource {
-        r#type: Some(match source {
-            Source::Volume(id) => Type::Volume(VolumeSource {
-                volume_id: id.to_owned(),
-            }),
-            Source::Snapshot(id) => Type::Snapshot(SnapshotSource {
-                snapshot_id: id.to_owned(),
-            }),
-        }),
-    }
-}
-
-fn create_request(
-    name: &str,
-    bytes: u64,
-    access: Access,
-    source: Option<Source<'_>>,
-    parameters: &[(&str, &str)],
-) -> csi::CreateVolumeRequest {
-    csi::CreateVolumeRequest {
-        name: name.to_owned(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: to_i64(bytes),
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![capability(access)],
-        parameters: parameters
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-        volume_content_source: source.map(content_source),
-        ..Default::default()
-    }
-}
-
-struct Csi {
-    controller: ControllerClient<Channel>,
-    node: NodeClient<Channel>,
-    admin: AdminClient<Channel>,
-}
-
-impl Csi {
-    fn new(channel: Channel) -> Self {
-        Self {
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel.clone()),
-            admin: AdminClient::new(channel),
-        }
-    }
-
-    async fn create_volume(
-        &mut self,
-        name: &str,
-        bytes: u64,
-        access: Access,
-        source: Option<Source<'_>>,
-        parameters: &[(&str, &str)],
-    ) -> Result<csi::Volume, tonic::Status> {
-        let request = create_request(name, bytes, access, source, parameters);
-        let response = self.controller.create_volume(request).await?.into_inner();
-        Ok(response.volume.expect("CreateVolume returned no volume"))
-    }
-
-    async fn delete_volume(&mut self, id: &str) -> Result<(), tonic::Status> {
-        self.controller
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: id.to_owned(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-    }
-
-    async fn create_snapshot(
-        &mut self,
-        name: &str,
-        source: &str,
-    ) -> Result<csi::Snapshot, tonic::Status> {
-        let response = self
-            .controller
-            .create_snapshot(csi::CreateSnapshotRequest {
-                source_volume_id: source.to_owned(),
-                name: name.to_owned(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        Ok(response
-            .snapshot
-            .expect("CreateSnapshot returned no snapshot"))
-    }
-
-    async fn delete_snapshot(&mut self, id: &str) -> Result<(), tonic::Status> {
-        self.controller
-            .delete_snapshot(csi::DeleteSnapshotRequest {
-                snapshot_id: id.to_owned(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-    }
-
-    async fn set_hydration(
-        &mut self,
-        id: &str,
-        action: Action,
-        threshold: Option<u32>,
-        batch_size: Option<u32>,
-    ) -> Result<admin::VolumeStatus, tonic::Status> {
-        let response = self
-            .admin
-            .set_hydration(admin::SetHydrationRequest {
-                volume_id: id.to_owned(),
-                action: action.into(),
-                threshold,
-                batch_size,
-            })
-            .await?
-            .into_inner();
-        Ok(response.volume.expect("SetHydration returned no volume"))
-    }
-
-    async fn admin_list(&mut self) -> Vec<admin::VolumeStatus> {
-        must(
-            "Admin ListVolumes",
-            self.admin.list_volumes(admin::ListVolumesRequest {}).await,
-        )
-        .into_inner()
-        .volumes
-    }
-
-    async fn status_of(&mut self, id: &str) -> admin::VolumeStatus {
-        let volumes = self.admin_list().await;
-        let ids: Vec<String> = volumes.iter().map(|v| v.volume_id.clone()).collect();
-        volumes
-            .into_iter()
-            .find(|v| v.volume_id == id)
-            .unwrap_or_else(|| panic!("the admin API does not list {id} (it lists {ids:?})"))
-    }
-
-    async fn hydration_of(&mut self, id: &str) -> admin::Hydration {
-        let status = self.status_of(id).await;
-        match status.hydration {
-            Some(hydration) => hydration,
-            None => panic!("volume {id} has no hydration status: {status:?}"),
-        }
-    }
-
-    /// The device-mapper name the admin API gives for a volume.
-    async fn dm_name_of(&mut self, id: &str) -> String {
-        let status = self.status_of(id).await;
-        assert!(
-            status.device_present,
-            "volume {id} has no device: {status:?}"
-        );
-        let name = Path::new(&status.device)
-            .file_name()
-            .and_then(OsStr::to_str)
-            .unwrap_or_else(|| panic!("odd device path {:?}", status.device))
-            .to_owned();
-        assert!(name.starts_with(DM_PREFIX), "odd device name {name}");
-        name
-    }
-
-    /// Polls the admin API until `done` holds, failing on `Failed` or at
-    /// `limit`.
-    async fn wait_hydration(
-        &mut self,
-        id: &str,
-        limit: Duration,
-        done: impl Fn(&admin::Hydration) -> bool,
-    ) -> admin::Hydration {
-        let start = Instant::now();
-        let mut last_print = Instant::now();
-        loop {
-            let hydration = self.hydration_of(id).await;
-            if done(&hydration) {
-                return hydration;
-            }
-            assert!(
-                hydration.phase != "Failed",
-                "hydration of {id} failed: {}",
-                describe(&hydration)
-            );
-            assert!(
-                start.elapsed() < limit,
-                "hydration of {id} did not get there within {limit:?}: {}",
-                describe(&hydration)
-            );
-            if last_print.elapsed() >= Duration::from_secs(10) {
-                say(&format!("  waiting for {id}: {}", describe(&hydration)));
-                last_print = Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    async fn wait_complete(
-        &mut self,
-        bench: &Bench,
-        id: &str,
-        limit: Duration,
-    ) -> admin::Hydration {
-        let start = Instant::now();
-        let done = self
-            .wait_hydration(id, limit, |h| h.phase == "Complete")
-            .await;
-        bench.step(&format!(
-            "{id} complete after {:.1} s of waiting",
-            start.elapsed().as_secs_f64()
-        ));
-        assert_eq!(done.hydrated_bytes, done.total_bytes, "{done:?}");
-        assert!(done.completed_at > 0, "{done:?}");
-        done
-    }
-}
-
-fn describe(h: &admin::Hydration) -> String {
-    format!(
-        "{}{} {:.1}% ({} of {} bytes), threshold {} batch {}: {}",
-        h.phase,
-        if h.paused { " (paused)" } else { "" },
-        h.percent,
-        h.hydrated_bytes,
-        h.total_bytes,
-        h.threshold,
-        h.batch_size,
-        h.message
-    )
-}
-
-fn must<T>(what: &str, result: Result<T, tonic::Status>) -> T {
-    result
-        .unwrap_or_else(|status| panic!("{what} failed: {:?}: {}", status.code(), status.message()))
 }
 
 fn expect_code<T: std::fmt::Debug>(what: &str, result: Result<T, tonic::Status>, code: Code) {
@@ -1814,266 +1201,143 @@ fn expect_code<T: std::fmt::Debug>(what: &str, result: Result<T, tonic::Status>,
     }
 }
 
-/// The binary to run. In the VM, a private copy on the scratch disk, made
-/// once per test process: the VM reads the host's `target` folder over 9p,
-/// and a build on the host that replaced `target/debug/liveclone` while a
-/// test started it made the driver die at once with SIGSEGV.
-fn driver_binary() -> &'static Path {
-    static COPY: OnceLock<PathBuf> = OnceLock::new();
-    COPY.get_or_init(|| {
-        let in_vm = std::env::var_os("LIVECLONE_IN_VM").is_some_and(|v| v == "1");
-        if !in_vm {
-            return PathBuf::from(BIN);
-        }
-        let copy =
-            std::env::temp_dir().join(format!("liveclone-under-test-{}", std::process::id()));
-        std::fs::copy(BIN, &copy)
-            .unwrap_or_else(|e| panic!("copying {BIN} to {}: {e}", copy.display()));
-        let version = Command::new(&copy)
-            .arg("--version")
-            .output()
-            .unwrap_or_else(|e| panic!("running {} --version: {e}", copy.display()));
-        assert!(
-            version.status.success(),
-            "the copy of {BIN} does not run ({}); was it being rebuilt?",
-            version.status
-        );
-        say(&format!(
-            "driver under test: {} ({})",
-            copy.display(),
-            String::from_utf8_lossy(&version.stdout).trim()
-        ));
-        copy
-    })
+/// A raw-block volume named `source` that holds `extents` (zeros
+/// elsewhere), published.
+async fn block_source(
+    bench: &Bench,
+    csi: &mut Csi,
+    size: u64,
+    extents: &Extents,
+) -> (csi::Volume, Mounted) {
+    let source = must(
+        "CreateVolume (block source)",
+        csi.create_volume(&bench.name("source"), size, Access::Block, None, &[])
+            .await,
+    );
+    let mounted = bench
+        .stage_publish(csi, &source.volume_id, Access::Block, "source")
+        .await;
+    write_extents(&mounted.target, extents);
+    (source, mounted)
 }
 
-/// `liveclone <args>` as a user would run it; its stdout.
-fn liveclone_cli(args: &[&str]) -> String {
-    let output = Command::new(driver_binary())
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running liveclone {args:?}: {e}"));
+/// A clone named `clone` with slow hydration (one region at a time),
+/// paused as soon as it exists, so that what the test does next happens
+/// before its copy is done.
+async fn paused_slow_clone(
+    bench: &Bench,
+    csi: &mut Csi,
+    size: u64,
+    access: Access,
+    source: Source<'_>,
+) -> csi::Volume {
+    let clone = must(
+        "CreateVolume (clone, slow hydration)",
+        csi.create_volume(&bench.name("clone"), size, access, Some(source), &SLOW)
+            .await,
+    );
+    let paused = must(
+        "SetHydration PAUSE",
+        csi.set_hydration(&clone.volume_id, Action::Pause, None, None)
+            .await,
+    );
     assert!(
-        output.status.success(),
-        "liveclone {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+        paused.hydration.as_ref().is_some_and(|h| h.paused),
+        "PAUSE answered with {paused:?}"
     );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    clone
 }
 
-// ---------------------------------------------------------------------------
-// Devices, loops, mounts.
+/// In a clone line of a table (`<start> <length> clone <metadata>
+/// <destination> <source> <region size> ...`), the source's field.
+const CLONE_SOURCE_FIELD: usize = 5;
 
-fn run(program: &str, args: &[&OsStr]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+/// The source device (`major:minor`) of a one-line clone table.
+fn clone_source(table: &str) -> String {
+    let fields: Vec<&str> = table.split_whitespace().collect();
     assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+        table.trim().lines().count() == 1 && fields.get(2) == Some(&"clone"),
+        "not a one-line clone table:\n{table}"
     );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    fields
+        .get(CLONE_SOURCE_FIELD)
+        .map(|field| (*field).to_owned())
+        .unwrap_or_else(|| panic!("no source in the clone table:\n{table}"))
 }
 
-/// Output or the error, for reports.
-fn try_run(program: &str, args: &[&str]) -> String {
-    match Command::new(program).args(args).output() {
-        Ok(output) if output.status.success() => {
-            String::from_utf8_lossy(&output.stdout).trim().to_owned()
-        }
-        Ok(output) => format!(
-            "({program} failed: {})",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ),
-        Err(e) => format!("(cannot run {program}: {e})"),
-    }
+/// The same one-line clone table, reading from `source` instead.
+fn with_clone_source(table: &str, source: &str) -> String {
+    let mut fields: Vec<&str> = table.split_whitespace().collect();
+    clone_source(table);
+    fields[CLONE_SOURCE_FIELD] = source;
+    fields.join(" ")
 }
 
-/// Our device-mapper devices.
-fn dm_devices() -> BTreeSet<String> {
-    let listing = run("dmsetup", &["ls".as_ref()]);
-    listing
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| name.starts_with(DM_PREFIX))
-        .map(str::to_owned)
-        .collect()
+/// Size of a block device named `major:minor`, in sectors.
+fn device_sectors(device: &str) -> u64 {
+    let path = format!("/sys/dev/block/{device}/size");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("odd {path}: {text:?}"))
 }
 
-fn dm_table(name: &str) -> String {
-    run("dmsetup", &["table".as_ref(), name.as_ref()])
-}
-
-/// Total length of a table, in sectors.
-fn table_sectors(table: &str) -> u64 {
-    table
-        .lines()
-        .filter_map(|line| line.split_whitespace().nth(1))
-        .map(|length| {
-            length
-                .parse::<u64>()
-                .unwrap_or_else(|_| panic!("odd table:\n{table}"))
-        })
-        .sum()
-}
-
-/// The table is one `linear` line over the whole size: the clone is
-/// independent of its source and metadata.
-fn assert_single_linear(name: &str, bytes: u64) {
-    let table = dm_table(name);
-    let lines: Vec<&str> = table.lines().collect();
-    let fields: Vec<&str> = lines
-        .first()
-        .map(|line| line.split_whitespace().collect())
-        .unwrap_or_default();
-    let length = (bytes / SECTOR).to_string();
+/// A stall's explanation says where to look: I/O errors, the kernel log.
+fn assert_points_at_io_errors(what: &str, message: &str) {
     assert!(
-        lines.len() == 1
-            && fields.len() == 5
-            && fields[0] == "0"
-            && fields[1] == length
-            && fields[2] == "linear",
-        "{name} is not one linear target of {length} sectors:\n{table}"
+        message.contains("I/O error") && message.contains("kernel log"),
+        "{what} does not point at I/O errors and the kernel log: {message:?}"
     );
 }
 
-/// `(hydrated, total)` regions of a clone, read without a flush.
-fn clone_regions(name: &str) -> (u64, u64) {
-    let status = run(
-        "dmsetup",
-        &["status".as_ref(), "--noflush".as_ref(), name.as_ref()],
-    );
-    let line = status
-        .lines()
-        .find(|line| line.split_whitespace().nth(2) == Some("clone"))
-        .unwrap_or_else(|| panic!("{name} has no clone target: {status}"));
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let counts = fields
-        .get(6)
-        .and_then(|field| field.split_once('/'))
-        .and_then(|(h, t)| Some((h.parse().ok()?, t.parse().ok()?)));
-    counts.unwrap_or_else(|| panic!("odd clone status of {name}: {line}"))
+/// A volume's entry in `liveclone status --json`.
+fn status_entry(json: &str, volume_id: &str) -> serde_json::Value {
+    let parsed: serde_json::Value = serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("liveclone status --json is not JSON ({e}):\n{json}"));
+    parsed["volumes"]
+        .as_array()
+        .and_then(|volumes| volumes.iter().find(|v| v["volumeId"] == volume_id))
+        .cloned()
+        .unwrap_or_else(|| panic!("liveclone status --json does not list {volume_id}:\n{json}"))
 }
 
-/// Loop devices backed by files under `pool`: device -> backing file.
-fn pool_loops(pool: &Path) -> BTreeMap<String, String> {
-    let mut found = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
-            continue;
-        };
-        let backing = backing.trim().to_owned();
-        if Path::new(&backing).starts_with(pool) {
-            found.insert(format!("/dev/{name}"), backing);
-        }
-    }
-    found
-}
-
-/// Every file (not folder) below `root`, recursively.
-fn files_under(root: &Path) -> BTreeSet<PathBuf> {
-    let mut found = BTreeSet::new();
-    let mut pending = vec![root.to_owned()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(kind) if kind.is_dir() => pending.push(path),
-                Ok(_) => {
-                    found.insert(path);
-                }
-                Err(_) => {}
-            }
-        }
-    }
-    found
-}
-
-/// Mount points at or below `root`, deepest first.
-fn mounts_under(root: &Path) -> Vec<PathBuf> {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut points: Vec<PathBuf> = table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mount_path(field)))
-        .filter(|point| point.starts_with(root))
-        .collect();
-    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
-    points.dedup();
-    points
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo` octal.
-fn unescape_mount_path(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
-            let text = std::str::from_utf8(digits).ok()?;
-            u8::from_str_radix(text, 8).ok()
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Best effort, for clean-up: unmount everything below `root`, deepest
-/// first; a busy one is detached lazily.
-fn unmount_all_under(root: &Path) {
-    for point in mounts_under(root) {
-        let plain = Command::new("umount").arg(&point).output();
-        if plain.is_ok_and(|output| output.status.success()) {
-            continue;
-        }
-        let lazy = Command::new("umount").arg("-l").arg(&point).output();
-        let how = if lazy.is_ok_and(|output| output.status.success()) {
-            "detached lazily (busy)"
-        } else {
-            "could not be unmounted"
-        };
-        say(&format!("cleanup: {} {how}", point.display()));
-    }
-}
-
-/// Writes dirty data back and empties the page cache, so the next reads
-/// come from the devices.
-fn drop_caches() {
-    nix::unistd::sync();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("dropping the page cache");
+/// The volume condition of a published volume, as ControllerGetVolume and
+/// NodeGetVolumeStats give it.
+async fn conditions(
+    csi: &mut Csi,
+    mounted: &Mounted,
+) -> (csi::VolumeCondition, csi::VolumeCondition) {
+    let controller = must(
+        "ControllerGetVolume",
+        csi.controller
+            .controller_get_volume(csi::ControllerGetVolumeRequest {
+                volume_id: mounted.volume_id.clone(),
+            })
+            .await,
+    )
+    .into_inner()
+    .status
+    .and_then(|status| status.volume_condition)
+    .expect("ControllerGetVolume answered no volume condition");
+    let node = must(
+        "NodeGetVolumeStats",
+        csi.node
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: mounted.volume_id.clone(),
+                volume_path: path_string(&mounted.target),
+                staging_target_path: path_string(&mounted.staging),
+            })
+            .await,
+    )
+    .into_inner()
+    .volume_condition
+    .expect("NodeGetVolumeStats answered no volume condition");
+    (controller, node)
 }
 
 /// Size of the file system mounted at `path`.
 fn fs_bytes(path: &Path) -> u64 {
-    let stat = nix::sys::statvfs::statvfs(path)
-        .unwrap_or_else(|e| panic!("statvfs {}: {e}", path.display()));
-    let bytes: u64 = stat.blocks() * stat.fragment_size();
-    bytes
+    fs_usage(path).unwrap_or_else(|e| panic!("{e:#}")).0
 }
 
 // ---------------------------------------------------------------------------
@@ -2095,13 +1359,6 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// A few MiB in files of odd sizes, one in a sub-folder.
@@ -2207,42 +1464,6 @@ fn verify_files(dir: &Path, files: &Files, absent: &[&str], what: &str) {
     ));
 }
 
-/// A page-aligned buffer, as O_DIRECT needs.
-struct Aligned {
-    storage: Vec<u8>,
-    offset: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + BLOCK];
-        let offset = storage.as_ptr().align_offset(BLOCK);
-        Self {
-            storage,
-            offset,
-            len,
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.storage[self.offset..self.offset + self.len]
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.storage[self.offset..self.offset + self.len]
-    }
-}
-
-fn open_direct(path: &Path, write: bool) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)
-        .unwrap_or_else(|e| panic!("opening {} with O_DIRECT: {e}", path.display()))
-}
-
 /// Data at offsets of a block device that is otherwise zero.
 type Extents = Vec<(u64, Vec<u8>)>;
 
@@ -2323,23 +1544,4 @@ fn verify_device(device: &Path, size: u64, extents: &Extents, what: &str) -> Str
         .collect();
     say(&format!("  {what}: all {size} bytes right, sha256 {sum}"));
     sum
-}
-
-// ---------------------------------------------------------------------------
-// Small helpers.
-
-fn to_i64(bytes: u64) -> i64 {
-    i64::try_from(bytes).expect("test sizes fit in i64")
-}
-
-fn path_string(path: &Path) -> String {
-    path.to_str().expect("test paths are UTF-8").to_owned()
-}
-
-/// Writes a line straight to stdout, past the test harness's capture, so it
-/// shows on the VM console whether the test passes or not.
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
 }

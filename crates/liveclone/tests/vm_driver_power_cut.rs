@@ -27,35 +27,27 @@
 //! The last acknowledged write the host saw on the console goes to phase 2
 //! in the environment.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use liveclone::grpc::client::connect_unix;
-use liveclone::proto::admin::v1alpha1 as admin;
-use liveclone::proto::admin::v1alpha1::admin_client::AdminClient;
-use liveclone::proto::admin::v1alpha1::set_hydration_request::Action;
-use liveclone::proto::csi::v1 as csi;
-use liveclone::proto::csi::v1::controller_client::ControllerClient;
-use liveclone::proto::csi::v1::identity_client::IdentityClient;
-use liveclone::proto::csi::v1::node_client::NodeClient;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use common::{
+    assert_nothing_left, assert_single_linear, clone_regions, describe, device_bytes, dm_devices,
+    files_under, hex, in_vm, kernel_state, must, open_direct, output_or_error, path_string, run,
+    say, sha256_hex, standalone_args, tail_of, unmount_all_under, Access, Aligned, CloneLine, Csi,
+    Driver, Mounted, Source, BLOCK, DEBUG_LOG, DM_PREFIX, LOG_TAIL, MIB, SLOW,
+};
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
-use tonic::Code;
 use vmtest::{Disk, Ending, PreparedKernel, Vm};
 
-const MIB: u64 = 1 << 20;
-const BLOCK: usize = 4096;
-const SECTOR: u64 = 512;
 /// Size of the source volume and of its clone.
 const SIZE: u64 = 256 * MIB;
 const BLOCKS: u64 = SIZE / BLOCK as u64;
@@ -65,7 +57,6 @@ const POOL_DISK_BYTES: u64 = 4 << 30;
 /// Where the disk is mounted in every phase.
 const POOL_MOUNT: &str = "/mnt/lcpool";
 const NODE_ID: &str = "power-cut-node";
-const DM_PREFIX: &str = "liveclone-";
 const SOURCE_NAME: &str = "pc-source";
 const CLONE_NAME: &str = "pc-clone";
 const CUT_MARKER: &str = "POWER-CUT-NOW";
@@ -88,19 +79,10 @@ const MIN_COPIED_BYTES: u64 = MIB;
 /// clone (hydrated and not yet hydrated regions alike).
 const STRIDE: u64 = 40_503;
 const OFFSET: u64 = 1_234;
-/// Slow hydration (one 4 KiB region at a time) so that the cut lands in
-/// the middle of it; fast tunables to finish it after the reboot.
-const SLOW: [(&str, &str); 2] = [
-    ("liveclone.io/hydrationThreshold", "1"),
-    ("liveclone.io/hydrationBatchSize", "1"),
-];
-const FAST_THRESHOLD: u32 = 4096;
-const FAST_BATCH: u32 = 1024;
 /// How long the driver may take to answer Probe with ready = true
 /// (recovery included) under QEMU's software CPU.
 const START_LIMIT: Duration = Duration::from_secs(180);
 const STOP_LIMIT: Duration = Duration::from_secs(30);
-const LOG_TAIL: usize = 300;
 
 // ---------------------------------------------------------------------------
 // The host side.
@@ -240,7 +222,8 @@ async fn guest_driver_power_cut_phase_1() {
 
     let source = must(
         "CreateVolume (source)",
-        csi.create_volume(SOURCE_NAME, SIZE, None, &[]).await,
+        csi.create_volume(SOURCE_NAME, SIZE, Access::Block, None, &[])
+            .await,
     );
     let source_mount = guest
         .stage_publish(&mut csi, &source.volume_id, "source")
@@ -252,12 +235,18 @@ async fn guest_driver_power_cut_phase_1() {
         source.volume_id,
         started.elapsed().as_secs_f64()
     ));
-    guest.unpublish_unstage(&mut csi, &source_mount).await;
+    csi.unpublish_unstage(&source_mount).await;
 
     let clone = must(
         "CreateVolume (clone, slow hydration)",
-        csi.create_volume(CLONE_NAME, SIZE, Some(&source.volume_id), &SLOW)
-            .await,
+        csi.create_volume(
+            CLONE_NAME,
+            SIZE,
+            Access::Block,
+            Some(Source::Volume(&source.volume_id)),
+            &SLOW,
+        )
+        .await,
     );
     let hydration = csi.hydration_of(&clone.volume_id).await;
     assert_eq!(
@@ -469,23 +458,9 @@ async fn guest_driver_power_cut_phase_2() {
         describe(&h)
     );
 
-    let tuned = must(
-        "SetHydration TUNE",
-        csi.set_hydration(
-            &clone.volume_id,
-            Action::Tune,
-            Some(FAST_THRESHOLD),
-            Some(FAST_BATCH),
-        )
-        .await,
-    );
-    let tuned = tuned.hydration.expect("TUNE answered without hydration");
-    assert_eq!(
-        (tuned.threshold, tuned.batch_size),
-        (FAST_THRESHOLD, FAST_BATCH)
-    );
+    csi.tune_fast(&clone.volume_id).await;
     let done = csi
-        .wait_complete(&guest, &clone.volume_id, Duration::from_secs(900))
+        .wait_complete(&clone.volume_id, Duration::from_secs(900))
         .await;
     guest.step(&format!("clone hydrated: {}", describe(&done)));
     assert_single_linear(&clone_dm, SIZE);
@@ -499,7 +474,7 @@ async fn guest_driver_power_cut_phase_2() {
     let source_status = csi.status_of(&source.volume_id).await;
     if source_status.hydration.is_some() {
         let done = csi
-            .wait_complete(&guest, &source.volume_id, Duration::from_secs(900))
+            .wait_complete(&source.volume_id, Duration::from_secs(900))
             .await;
         guest.step(&format!("source hydrated: {}", describe(&done)));
     }
@@ -510,8 +485,8 @@ async fn guest_driver_power_cut_phase_2() {
         .await;
     verify_source(&source_mount.target);
 
-    guest.unpublish_unstage(&mut csi, &clone_mount).await;
-    guest.unpublish_unstage(&mut csi, &source_mount).await;
+    csi.unpublish_unstage(&clone_mount).await;
+    csi.unpublish_unstage(&source_mount).await;
     must(
         "DeleteVolume (clone)",
         csi.delete_volume(&clone.volume_id).await,
@@ -640,16 +615,8 @@ fn spawn_first_readings(
                     if !name.starts_with(DM_PREFIX) || first.contains_key(name) {
                         continue;
                     }
-                    let fields: Vec<&str> = status.split_whitespace().collect();
-                    if fields.get(2) != Some(&"clone") {
-                        continue;
-                    }
-                    let counts = fields
-                        .get(6)
-                        .and_then(|field| field.split_once('/'))
-                        .and_then(|(h, t)| Some((h.parse().ok()?, t.parse().ok()?)));
-                    if let Some(counts) = counts {
-                        first.insert(name.to_owned(), counts);
+                    if let Some(counts) = CloneLine::parse(status) {
+                        first.insert(name.to_owned(), (counts.hydrated, counts.total));
                     }
                 }
             }
@@ -836,7 +803,7 @@ fn verify_source(device: &Path) {
 
 fn require_in_vm() {
     assert!(
-        std::env::var_os("LIVECLONE_IN_VM").is_some_and(|v| v == "1"),
+        in_vm(),
         "the phases of the power-cut test run inside the VM, started by \
          vm_driver_survives_a_power_cut"
     );
@@ -852,15 +819,8 @@ struct Guest {
     work: PathBuf,
     mnt: PathBuf,
     endpoint: String,
-    driver: Option<Child>,
+    driver: Option<Driver>,
     started: Instant,
-}
-
-/// A staged and published block volume.
-struct Mounted {
-    volume_id: String,
-    staging: PathBuf,
-    target: PathBuf,
 }
 
 impl Guest {
@@ -939,205 +899,56 @@ impl Guest {
     async fn start_driver(&mut self) -> Csi {
         assert!(self.driver.is_none(), "the driver is already running");
         let binary = std::env::var_os(DRIVER_ENV).expect("the driver's path from the host");
-        let log_path = self.log_of(self.phase);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .unwrap_or_else(|e| panic!("opening {}: {e}", log_path.display()));
-        let err = log.try_clone().expect("duplicating the log handle");
-        let mut command = Command::new(&binary);
-        command
-            .args([
-                OsStr::new("standalone"),
-                OsStr::new("--endpoint"),
-                OsStr::new(&self.endpoint),
-                OsStr::new("--state-dir"),
-                self.state.as_os_str(),
-                OsStr::new("--pool-dir"),
-                self.pool.as_os_str(),
-                OsStr::new("--node-id"),
-                OsStr::new(NODE_ID),
-                OsStr::new("--allowed-mount-root"),
-                self.mnt.as_os_str(),
-                OsStr::new("--hydration-poll-seconds"),
-                OsStr::new("0.5"),
-                OsStr::new("--stall-after-seconds"),
-                OsStr::new("60"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env(
-                "RUST_LOG",
-                "debug,h2=info,hyper=info,hyper_util=info,tower=info,tonic=info",
-            );
-        }
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {binary:?}: {e}"));
-        self.driver = Some(child);
-
+        let mut args = standalone_args(&self.endpoint, &self.state, &self.pool, NODE_ID, &self.mnt);
+        // Progress is read often; stalls are not this test's subject.
+        args.extend(
+            [
+                "--hydration-poll-seconds",
+                "0.5",
+                "--stall-after-seconds",
+                "60",
+            ]
+            .map(OsStr::new),
+        );
+        let log = self.log_of(self.phase);
+        let what = format!("driver start, phase {}", self.phase);
+        let driver = Driver::start(Path::new(&binary), &args, &log, DEBUG_LOG, &what)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         let started = Instant::now();
-        let mut last_problem = String::from("no socket yet");
-        loop {
-            if let Some(child) = self.driver.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.driver = None;
-                    panic!("the driver exited ({status}) while starting: {last_problem}");
-                }
-            }
-            match connect_unix(&self.endpoint).await {
-                Ok(channel) => {
-                    let mut identity = IdentityClient::new(channel.clone());
-                    match identity.probe(csi::ProbeRequest {}).await {
-                        Ok(response) if response.get_ref().ready == Some(true) => {
-                            self.step(&format!(
-                                "driver ready in {:.1} s",
-                                started.elapsed().as_secs_f64()
-                            ));
-                            return Csi::new(channel);
-                        }
-                        Ok(response) => last_problem = format!("Probe: {:?}", response.get_ref()),
-                        Err(status) if status.code() == Code::FailedPrecondition => {
-                            panic!("the driver is unhealthy: {}", status.message())
-                        }
-                        Err(status) => last_problem = format!("Probe: {status}"),
-                    }
-                }
-                Err(e) => last_problem = format!("{e:#}"),
-            }
-            assert!(
-                started.elapsed() < START_LIMIT,
-                "the driver was not ready within {START_LIMIT:?}: {last_problem}"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let driver = self.driver.insert(driver);
+        let channel = driver
+            .wait_ready(&self.endpoint, START_LIMIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        self.step(&format!(
+            "driver ready in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+        Csi::new(channel)
     }
 
     /// SIGTERM, a bounded wait, then SIGKILL.
     fn stop_driver(&mut self) {
-        let Some(mut child) = self.driver.take() else {
+        let Some(mut driver) = self.driver.take() else {
             return;
         };
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        match driver.stop_within(STOP_LIMIT) {
+            Some(status) => self.step(&format!("driver stopped ({status})")),
+            None => self.step("driver stopped (no exit status)"),
         }
-        if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let start = Instant::now();
-        while start.elapsed() < STOP_LIMIT {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.step(&format!("driver stopped ({status})"));
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        say("the driver did not exit after SIGTERM; killing it");
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// NodeStageVolume and NodePublishVolume as raw block, at paths that
     /// are the same in every phase.
     async fn stage_publish(&self, csi: &mut Csi, volume_id: &str, tag: &str) -> Mounted {
-        let staging = self.mnt.join(format!("{tag}-staging"));
-        std::fs::create_dir_all(&staging)
-            .unwrap_or_else(|e| panic!("creating {}: {e}", staging.display()));
-        let target = self.mnt.join(format!("{tag}-target"));
-        must(
-            &format!("NodeStageVolume ({tag})"),
-            csi.node
-                .node_stage_volume(csi::NodeStageVolumeRequest {
-                    volume_id: volume_id.to_owned(),
-                    staging_target_path: path_string(&staging),
-                    volume_capability: Some(block_capability()),
-                    ..Default::default()
-                })
-                .await,
-        );
-        must(
-            &format!("NodePublishVolume ({tag})"),
-            csi.node
-                .node_publish_volume(csi::NodePublishVolumeRequest {
-                    volume_id: volume_id.to_owned(),
-                    staging_target_path: path_string(&staging),
-                    target_path: path_string(&target),
-                    volume_capability: Some(block_capability()),
-                    readonly: false,
-                    ..Default::default()
-                })
-                .await,
-        );
-        use std::os::unix::fs::FileTypeExt;
-        let kind = std::fs::metadata(&target)
-            .unwrap_or_else(|e| panic!("the published {} is missing: {e}", target.display()));
-        assert!(
-            kind.file_type().is_block_device(),
-            "{} is not a block device after NodePublishVolume",
-            target.display()
-        );
-        Mounted {
-            volume_id: volume_id.to_owned(),
-            staging,
-            target,
-        }
-    }
-
-    async fn unpublish_unstage(&self, csi: &mut Csi, mounted: &Mounted) {
-        must(
-            "NodeUnpublishVolume",
-            csi.node
-                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-                    volume_id: mounted.volume_id.clone(),
-                    target_path: path_string(&mounted.target),
-                })
-                .await,
-        );
-        must(
-            "NodeUnstageVolume",
-            csi.node
-                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
-                    volume_id: mounted.volume_id.clone(),
-                    staging_target_path: path_string(&mounted.staging),
-                })
-                .await,
-        );
-        assert!(
-            !mounted.target.exists(),
-            "NodeUnpublishVolume left {}",
-            mounted.target.display()
-        );
-        let _ = std::fs::remove_dir(&mounted.staging);
+        csi.stage_publish(&self.mnt, volume_id, Access::Block, tag)
+            .await
     }
 
     /// No device, pool loop, pool file or publish mount of ours.
     fn assert_nothing_left(&self) {
-        let devices = dm_devices();
-        let loops = pool_loops(&self.pool);
-        let pool_files = files_under(&self.pool);
-        let mounts = mounts_under(&self.mnt);
-        assert!(
-            devices.is_empty() && loops.is_empty() && pool_files.is_empty() && mounts.is_empty(),
-            "left after everything was deleted:\n  devices {devices:?}\n  loops {loops:?}\n  \
-             pool files {pool_files:?}\n  mounts {mounts:?}"
-        );
+        assert_nothing_left(&Default::default(), &self.pool, &self.mnt);
         self.step("no device, loop, pool file or mount of ours is left");
-    }
-
-    fn kernel_state(&self) -> String {
-        let mut out = String::new();
-        for name in dm_devices() {
-            let table = try_run("dmsetup", &["table", &name]);
-            let status = try_run("dmsetup", &["status", "--noflush", &name]);
-            out.push_str(&format!("{name}:\n  table  {table}\n  status {status}\n"));
-        }
-        out.push_str(&format!("pool loops: {:?}\n", pool_loops(&self.pool)));
-        out.push_str(&format!("pool files: {:?}\n", files_under(&self.pool)));
-        out.push_str(&format!("mounts: {:?}\n", mounts_under(&self.work)));
-        out
     }
 }
 
@@ -1149,7 +960,7 @@ impl Drop for Guest {
                  the driver's log ---\n{}\n--- end of the driver's log ---",
                 self.phase,
                 self.started.elapsed().as_secs_f64(),
-                self.kernel_state(),
+                kernel_state(&self.pool, &self.work),
                 tail_of(&self.log_of(self.phase), LOG_TAIL)
             ));
         }
@@ -1159,252 +970,12 @@ impl Drop for Guest {
     }
 }
 
-fn block_capability() -> csi::VolumeCapability {
-    use csi::volume_capability::access_mode::Mode;
-    use csi::volume_capability::{AccessMode, AccessType, BlockVolume};
-    csi::VolumeCapability {
-        access_type: Some(AccessType::Block(BlockVolume {})),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter.into(),
-        }),
-    }
-}
-
-struct Csi {
-    controller: ControllerClient<Channel>,
-    node: NodeClient<Channel>,
-    admin: AdminClient<Channel>,
-}
-
-impl Csi {
-    fn new(channel: Channel) -> Self {
-        Self {
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel.clone()),
-            admin: AdminClient::new(channel),
-        }
-    }
-
-    async fn create_volume(
-        &mut self,
-        name: &str,
-        bytes: u64,
-        source_volume: Option<&str>,
-        parameters: &[(&str, &str)],
-    ) -> Result<csi::Volume, tonic::Status> {
-        use csi::volume_content_source::{Type, VolumeSource};
-        let request = csi::CreateVolumeRequest {
-            name: name.to_owned(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: i64::try_from(bytes).expect("small size"),
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![block_capability()],
-            parameters: parameters
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            volume_content_source: source_volume.map(|id| csi::VolumeContentSource {
-                r#type: Some(Type::Volume(VolumeSource {
-                    volume_id: id.to_owned(),
-                })),
-            }),
-            ..Default::default()
-        };
-        let response = self.controller.create_volume(request).await?.into_inner();
-        Ok(response.volume.expect("CreateVolume returned no volume"))
-    }
-
-    async fn delete_volume(&mut self, id: &str) -> Result<(), tonic::Status> {
-        self.controller
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: id.to_owned(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-    }
-
-    async fn set_hydration(
-        &mut self,
-        id: &str,
-        action: Action,
-        threshold: Option<u32>,
-        batch_size: Option<u32>,
-    ) -> Result<admin::VolumeStatus, tonic::Status> {
-        let response = self
-            .admin
-            .set_hydration(admin::SetHydrationRequest {
-                volume_id: id.to_owned(),
-                action: action.into(),
-                threshold,
-                batch_size,
-            })
-            .await?
-            .into_inner();
-        Ok(response.volume.expect("SetHydration returned no volume"))
-    }
-
-    async fn admin_list(&mut self) -> Vec<admin::VolumeStatus> {
-        must(
-            "Admin ListVolumes",
-            self.admin.list_volumes(admin::ListVolumesRequest {}).await,
-        )
-        .into_inner()
-        .volumes
-    }
-
-    async fn status_of(&mut self, id: &str) -> admin::VolumeStatus {
-        let volumes = self.admin_list().await;
-        let ids: Vec<String> = volumes.iter().map(|v| v.volume_id.clone()).collect();
-        volumes
-            .into_iter()
-            .find(|v| v.volume_id == id)
-            .unwrap_or_else(|| panic!("the admin API does not list {id} (it lists {ids:?})"))
-    }
-
-    async fn hydration_of(&mut self, id: &str) -> admin::Hydration {
-        let status = self.status_of(id).await;
-        match status.hydration {
-            Some(hydration) => hydration,
-            None => panic!("volume {id} has no hydration status: {status:?}"),
-        }
-    }
-
-    async fn dm_name_of(&mut self, id: &str) -> String {
-        let status = self.status_of(id).await;
-        assert!(
-            status.device_present,
-            "volume {id} has no device: {status:?}"
-        );
-        let name = Path::new(&status.device)
-            .file_name()
-            .and_then(OsStr::to_str)
-            .unwrap_or_else(|| panic!("odd device path {:?}", status.device))
-            .to_owned();
-        assert!(name.starts_with(DM_PREFIX), "odd device name {name}");
-        name
-    }
-
-    /// Polls the admin API until `done` holds, failing on `Failed` or at
-    /// `limit`.
-    async fn wait_hydration(
-        &mut self,
-        id: &str,
-        limit: Duration,
-        done: impl Fn(&admin::Hydration) -> bool,
-    ) -> admin::Hydration {
-        let start = Instant::now();
-        let mut last_print = Instant::now();
-        loop {
-            let hydration = self.hydration_of(id).await;
-            if done(&hydration) {
-                return hydration;
-            }
-            assert!(
-                hydration.phase != "Failed",
-                "hydration of {id} failed: {}",
-                describe(&hydration)
-            );
-            assert!(
-                start.elapsed() < limit,
-                "hydration of {id} did not get there within {limit:?}: {}",
-                describe(&hydration)
-            );
-            if last_print.elapsed() >= Duration::from_secs(15) {
-                say(&format!("  waiting for {id}: {}", describe(&hydration)));
-                last_print = Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    async fn wait_complete(
-        &mut self,
-        guest: &Guest,
-        id: &str,
-        limit: Duration,
-    ) -> admin::Hydration {
-        let start = Instant::now();
-        let done = self
-            .wait_hydration(id, limit, |h| h.phase == "Complete")
-            .await;
-        guest.step(&format!(
-            "{id} complete after {:.1} s of waiting",
-            start.elapsed().as_secs_f64()
-        ));
-        assert_eq!(done.hydrated_bytes, done.total_bytes, "{done:?}");
-        done
-    }
-}
-
-fn describe(h: &admin::Hydration) -> String {
-    format!(
-        "{}{} {:.1}% ({} of {} bytes), threshold {} batch {}: {}",
-        h.phase,
-        if h.paused { " (paused)" } else { "" },
-        h.percent,
-        h.hydrated_bytes,
-        h.total_bytes,
-        h.threshold,
-        h.batch_size,
-        h.message
-    )
-}
-
-fn must<T>(what: &str, result: Result<T, tonic::Status>) -> T {
-    result
-        .unwrap_or_else(|status| panic!("{what} failed: {:?}: {}", status.code(), status.message()))
-}
-
-// ---------------------------------------------------------------------------
-// Devices, loops, mounts (small copies of real_driver.rs's helpers).
-
-fn run(program: &str, args: &[&OsStr]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// For reports: the output, or what went wrong.
-fn try_run(program: &str, args: &[&str]) -> String {
-    match Command::new(program).args(args).output() {
-        Ok(output) if output.status.success() => {
-            String::from_utf8_lossy(&output.stdout).trim().to_owned()
-        }
-        Ok(output) => format!(
-            "({program} failed: {})",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ),
-        Err(e) => format!("(cannot run {program}: {e})"),
-    }
-}
-
-/// Our device-mapper devices.
-fn dm_devices() -> BTreeSet<String> {
-    let listing = run("dmsetup", &["ls".as_ref()]);
-    listing
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .filter(|name| name.starts_with(DM_PREFIX))
-        .map(str::to_owned)
-        .collect()
-}
-
 /// One line per device of ours: its targets and, for clones, the counts.
 fn kernel_summary() -> String {
     dm_devices()
         .iter()
         .map(|name| {
-            let status = try_run("dmsetup", &["status", "--noflush", name]);
+            let status = output_or_error("dmsetup", &["status", "--noflush", name]);
             let fields: Vec<&str> = status.split_whitespace().collect();
             match fields.get(2) {
                 Some(&"clone") => format!(
@@ -1417,187 +988,4 @@ fn kernel_summary() -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The table is one `linear` line over the whole size.
-fn assert_single_linear(name: &str, bytes: u64) {
-    let table = run("dmsetup", &["table".as_ref(), name.as_ref()]);
-    let lines: Vec<&str> = table.lines().collect();
-    let fields: Vec<&str> = lines
-        .first()
-        .map(|line| line.split_whitespace().collect())
-        .unwrap_or_default();
-    let length = (bytes / SECTOR).to_string();
-    assert!(
-        lines.len() == 1
-            && fields.len() == 5
-            && fields[0] == "0"
-            && fields[1] == length
-            && fields[2] == "linear",
-        "{name} is not one linear target of {length} sectors:\n{table}"
-    );
-}
-
-/// `(hydrated, total)` regions of a clone, read without a flush.
-fn clone_regions(name: &str) -> (u64, u64) {
-    let status = run(
-        "dmsetup",
-        &["status".as_ref(), "--noflush".as_ref(), name.as_ref()],
-    );
-    let line = status
-        .lines()
-        .find(|line| line.split_whitespace().nth(2) == Some("clone"))
-        .unwrap_or_else(|| panic!("{name} has no clone target: {status}"));
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let counts = fields
-        .get(6)
-        .and_then(|field| field.split_once('/'))
-        .and_then(|(h, t)| Some((h.parse().ok()?, t.parse().ok()?)));
-    counts.unwrap_or_else(|| panic!("odd clone status of {name}: {line}"))
-}
-
-/// Loop devices backed by files under `pool`: device -> backing file.
-fn pool_loops(pool: &Path) -> BTreeMap<String, String> {
-    let mut found = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
-            continue;
-        };
-        let backing = backing.trim().to_owned();
-        if Path::new(&backing).starts_with(pool) {
-            found.insert(format!("/dev/{name}"), backing);
-        }
-    }
-    found
-}
-
-/// Every file (not folder) below `root`, recursively.
-fn files_under(root: &Path) -> BTreeSet<PathBuf> {
-    let mut found = BTreeSet::new();
-    let mut pending = vec![root.to_owned()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(kind) if kind.is_dir() => pending.push(path),
-                Ok(_) => {
-                    found.insert(path);
-                }
-                Err(_) => {}
-            }
-        }
-    }
-    found
-}
-
-/// Mount points at or below `root`, deepest first (no escaped names here).
-fn mounts_under(root: &Path) -> Vec<PathBuf> {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut points: Vec<PathBuf> = table
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(PathBuf::from)
-        .filter(|point| point.starts_with(root))
-        .collect();
-    points.sort_by_key(|point| std::cmp::Reverse(point.components().count()));
-    points.dedup();
-    points
-}
-
-fn unmount_all_under(root: &Path) {
-    for point in mounts_under(root) {
-        let plain = Command::new("umount").arg(&point).output();
-        if !plain.is_ok_and(|output| output.status.success()) {
-            let _ = Command::new("umount").arg("-l").arg(&point).output();
-        }
-    }
-}
-
-fn device_bytes(path: &Path) -> u64 {
-    use std::io::{Seek, SeekFrom};
-    let mut file = File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    file.seek(SeekFrom::End(0)).expect("seek to end")
-}
-
-/// A page-aligned buffer, as O_DIRECT needs.
-struct Aligned {
-    storage: Vec<u8>,
-    offset: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Self {
-        let storage = vec![0u8; len + BLOCK];
-        let offset = storage.as_ptr().align_offset(BLOCK);
-        Self {
-            storage,
-            offset,
-            len,
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.storage[self.offset..self.offset + self.len]
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.storage[self.offset..self.offset + self.len]
-    }
-}
-
-fn open_direct(path: &Path, write: bool) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(path)
-        .unwrap_or_else(|e| panic!("opening {} with O_DIRECT: {e}", path.display()))
-}
-
-fn tail_of(path: &Path, lines: usize) -> String {
-    let mut text = String::new();
-    if let Err(e) = File::open(path).and_then(|mut f| f.read_to_string(&mut text)) {
-        return format!("(cannot read {}: {e})", path.display());
-    }
-    // A power cut can leave the end of a log as zeros (its size was
-    // written, its data not): drop them.
-    let all: Vec<&str> = text
-        .lines()
-        .map(|line| line.trim_matches('\0'))
-        .filter(|line| !line.is_empty())
-        .collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex(&Sha256::digest(data))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn path_string(path: &Path) -> String {
-    path.to_str().expect("test paths are UTF-8").to_owned()
-}
-
-/// Writes a line straight to stdout and flushes it: it is the VM's console,
-/// which the host reads (and cuts the power on).
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
 }
