@@ -12,22 +12,22 @@
 //!
 //! `--nocapture` shows the kubectl tables as a user would see them.
 
+mod k8s_common;
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_common::{create_namespace, install_crds, kubectl_table, meta, row, start};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Client, Resource};
-use kubetest::ApiServer;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::Resource;
 use liveclone::domain::hydration::{HydrationPhase, Progress};
 use liveclone::k8s::{
-    crds, AccessMode, HydrationDestination, HydrationSource, HydrationTunablesSpec,
-    LivecloneSnapshot, LivecloneSnapshotSpec, LivecloneSnapshotStatus, LivecloneVolume,
-    LivecloneVolumeSpec, LivecloneVolumeStatus, SourceKind, VolumeAccess, VolumeHydration,
-    VolumeHydrationSpec, VolumeHydrationStatus, VolumePhase, NODE_FIELD_MANAGER,
+    AccessMode, HydrationDestination, HydrationSource, HydrationTunablesSpec, LivecloneSnapshot,
+    LivecloneSnapshotSpec, LivecloneSnapshotStatus, LivecloneVolume, LivecloneVolumeSpec,
+    LivecloneVolumeStatus, SourceKind, VolumeAccess, VolumeHydration, VolumeHydrationSpec,
+    VolumeHydrationStatus, VolumePhase, NODE_FIELD_MANAGER,
 };
 use liveclone::os::fs::FsType;
 use serde_json::{json, Value};
@@ -36,84 +36,6 @@ const MIB: u64 = 1 << 20;
 const SOURCE_VOLUME: &str = "lcv-0123456789abcdef0123456789abcdef";
 const CLONE_VOLUME: &str = "lcv-fedcba9876543210fedcba9876543210";
 const SNAPSHOT: &str = "lcs-00112233445566778899aabbccddeeff";
-
-async fn start() -> ApiServer {
-    let started = Instant::now();
-    let server = ApiServer::start()
-        .await
-        .unwrap_or_else(|e| panic!("starting etcd and kube-apiserver: {e:#}"));
-    eprintln!(
-        "kube-apiserver at {} ready in {:.1} s",
-        server.url(),
-        started.elapsed().as_secs_f64()
-    );
-    server
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Applies the checked-in CRDs (what users and the chart install) and waits
-/// until they are served.
-fn install_crds(server: &ApiServer) {
-    let generated = crds::files().expect("generating the CRDs");
-    let dir = repo_root().join("deploy/crds");
-    for file in &generated {
-        let checked_in = std::fs::read_to_string(dir.join(&file.file_name))
-            .unwrap_or_else(|e| panic!("reading deploy/crds/{}: {e}", file.file_name));
-        assert!(
-            checked_in == file.yaml,
-            "deploy/crds/{} is stale: run `make crds`",
-            file.file_name
-        );
-    }
-    let out = server
-        .kubectl_output([
-            "apply".as_ref(),
-            "--server-side".as_ref(),
-            "--field-manager=liveclone-crds".as_ref(),
-            "-f".as_ref(),
-            dir.as_os_str(),
-        ])
-        .expect("kubectl apply -f deploy/crds");
-    eprint!("kubectl apply --server-side -f deploy/crds:\n{out}");
-    let mut wait = vec![
-        "wait".to_owned(),
-        "--for=condition=Established".to_owned(),
-        "--timeout=60s".to_owned(),
-    ];
-    wait.extend(
-        generated
-            .iter()
-            .map(|f| format!("crd/{}", f.file_name.trim_end_matches(".yaml"))),
-    );
-    server
-        .kubectl_output(&wait)
-        .expect("waiting for the CRDs to be established");
-}
-
-async fn create_namespace(client: &Client, name: &str) {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: meta(name, None),
-                ..Namespace::default()
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
-}
-
-fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_owned()),
-        namespace: namespace.map(str::to_owned),
-        ..ObjectMeta::default()
-    }
-}
 
 fn hydration(name: &str, namespace: &str) -> VolumeHydration {
     let mut vh = VolumeHydration::new(
@@ -189,62 +111,6 @@ fn expect_code<T: Debug>(result: Result<T, kube::Error>, code: u16, what: &str) 
         }
         other => panic!("{what}: expected HTTP {code}, got {other:?}"),
     }
-}
-
-/// kubectl's table: one map per row from column name to cell, by the
-/// header's column positions (cells such as "120.0 MiB/s" hold spaces).
-fn parse_table(out: &str) -> (Vec<String>, Vec<BTreeMap<String, String>>) {
-    let mut lines = out.lines();
-    let header = lines.next().expect("a header line");
-    let mut starts = Vec::new();
-    let mut names = Vec::new();
-    let mut previous = ' ';
-    for (index, c) in header.char_indices() {
-        if c != ' ' && previous == ' ' {
-            starts.push(index);
-        }
-        previous = c;
-    }
-    for (i, &start) in starts.iter().enumerate() {
-        let end = starts.get(i + 1).copied().unwrap_or(header.len());
-        names.push(header[start..end].trim().to_owned());
-    }
-    let rows = lines
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| {
-            names
-                .iter()
-                .enumerate()
-                .map(|(i, name)| {
-                    let start = starts[i].min(line.len());
-                    let end = starts
-                        .get(i + 1)
-                        .copied()
-                        .unwrap_or(line.len())
-                        .min(line.len());
-                    (name.clone(), line[start..end].trim().to_owned())
-                })
-                .collect()
-        })
-        .collect();
-    (names, rows)
-}
-
-fn kubectl_table(
-    server: &ApiServer,
-    args: &[&str],
-) -> (Vec<String>, Vec<BTreeMap<String, String>>) {
-    let out = server
-        .kubectl_output(args)
-        .unwrap_or_else(|e| panic!("kubectl {}: {e:#}", args.join(" ")));
-    eprintln!("$ kubectl {}\n{out}", args.join(" "));
-    parse_table(&out)
-}
-
-fn row<'a>(rows: &'a [BTreeMap<String, String>], name: &str) -> &'a BTreeMap<String, String> {
-    rows.iter()
-        .find(|r| r.get("NAME").map(String::as_str) == Some(name))
-        .unwrap_or_else(|| panic!("no row named {name} in {rows:?}"))
 }
 
 #[tokio::test]

@@ -9,6 +9,8 @@
 //!   the per-volume and per-snapshot state that the owning node reconciles.
 //! * [`crds`]: the CustomResourceDefinitions of all three, as written by
 //!   `liveclone crdgen` into `deploy/crds/` and the chart.
+//! * [`node`]: the node agent's hydration reconciler, which makes the
+//!   VolumeHydrations of its node reflect and control its hydrations.
 //!
 //! The Rust types are the single definition: the CRD schemas, printer
 //! columns and validation are derived from them, so the YAML can never say
@@ -16,6 +18,7 @@
 
 pub mod crds;
 pub mod hydration;
+pub mod node;
 mod schema;
 pub mod volume;
 
@@ -43,6 +46,53 @@ pub const VERSION: &str = "v1alpha1";
 pub const NODE_FIELD_MANAGER: &str = "liveclone-node";
 /// Field manager of the controller agent's server-side applies (specs).
 pub const CONTROLLER_FIELD_MANAGER: &str = "liveclone-controller";
+
+/// Label that names the node of a VolumeHydration (value:
+/// [`node_label_value`] of `spec.node`), set by whoever creates one (the
+/// controller agent). Custom resources cannot be field-selected on
+/// `spec.node`, so without a label every node agent would have to watch
+/// every VolumeHydration of the cluster, status writes of all the other
+/// nodes included; with it each node's watch carries its own objects only.
+/// `spec.node` stays the authority: agents check it on what they receive.
+pub const NODE_LABEL: &str = "liveclone.io/node";
+
+/// Longest label value Kubernetes accepts.
+const LABEL_VALUE_MAX: usize = 63;
+
+/// The [`NODE_LABEL`] value for `node`: the node name itself when it fits
+/// a label value (63 characters; node names may have up to 253), else its
+/// first characters and a hash of the whole name, so that long names that
+/// share a prefix still get different values.
+pub fn node_label_value(node: &str) -> String {
+    bounded_name(node, LABEL_VALUE_MAX)
+}
+
+/// `name` if it has at most `max` bytes, else a prefix of it, `-`, and 16
+/// hex digits of its SHA-256 (at most `max` bytes in all, `max` >= 17). The
+/// prefix is cut back to end on an ASCII letter or digit, as label values
+/// and most Kubernetes name fields require.
+pub(crate) fn bounded_name(name: &str, max: usize) -> String {
+    use sha2::{Digest, Sha256};
+    if name.len() <= max {
+        return name.to_owned();
+    }
+    let digest = Sha256::digest(name.as_bytes());
+    let hash: String = digest
+        .iter()
+        .take(8)
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
+    let mut end = max.saturating_sub(hash.len() + 1).min(name.len());
+    while end > 0 && !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let prefix = name[..end].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    if prefix.is_empty() {
+        hash
+    } else {
+        format!("{prefix}-{hash}")
+    }
+}
 
 /// Condition status values (metav1 `ConditionStatus`).
 pub const CONDITION_TRUE: &str = "True";
@@ -80,6 +130,28 @@ mod tests {
         assert_eq!(LivecloneVolume::version(&()), VERSION);
         assert_eq!(LivecloneSnapshot::group(&()), GROUP);
         assert_eq!(LivecloneSnapshot::version(&()), VERSION);
+    }
+
+    #[test]
+    fn node_label_values_fit_a_label() {
+        assert_eq!(node_label_value("node-1"), "node-1");
+        let exact = "n".repeat(63);
+        assert_eq!(node_label_value(&exact), exact);
+        let long = format!("{}.compute.internal", "ip-10-0-0-1.".repeat(20));
+        let value = node_label_value(&long);
+        assert!(value.len() <= 63, "{value}");
+        assert!(value.starts_with("ip-10-0-0-1.ip-10"), "{value}");
+        assert!(value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')));
+        assert!(value.ends_with(|c: char| c.is_ascii_alphanumeric()));
+        // Same prefix, different names: different values.
+        let other = format!("{long}x");
+        assert_ne!(node_label_value(&other), value);
+        assert_eq!(node_label_value(&long), value, "stable");
+        // A prefix that would end on a dot or dash is cut back.
+        let cut = bounded_name(&format!("ab.{}", "c".repeat(40)), 20);
+        assert!(cut.starts_with("ab-") && cut.len() == 19, "{cut}");
     }
 
     #[test]

@@ -1,0 +1,151 @@
+//! What the tests against a real kube-apiserver share (`k8s_crds`,
+//! `k8s_node_agent`): starting the server, installing the checked-in CRDs,
+//! namespaces, and reading kubectl's tables. kubectl runs with argument
+//! vectors, never through a shell.
+
+// Each test binary compiles this module on its own and uses only part of it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::Client;
+use kubetest::ApiServer;
+use liveclone::k8s::crds;
+
+pub async fn start() -> ApiServer {
+    let started = Instant::now();
+    let server = ApiServer::start()
+        .await
+        .unwrap_or_else(|e| panic!("starting etcd and kube-apiserver: {e:#}"));
+    eprintln!(
+        "kube-apiserver at {} ready in {:.1} s",
+        server.url(),
+        started.elapsed().as_secs_f64()
+    );
+    server
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Applies the checked-in CRDs (what users and the chart install) and waits
+/// until they are served.
+pub fn install_crds(server: &ApiServer) {
+    let generated = crds::files().expect("generating the CRDs");
+    let dir = repo_root().join("deploy/crds");
+    for file in &generated {
+        let checked_in = std::fs::read_to_string(dir.join(&file.file_name))
+            .unwrap_or_else(|e| panic!("reading deploy/crds/{}: {e}", file.file_name));
+        assert!(
+            checked_in == file.yaml,
+            "deploy/crds/{} is stale: run `make crds`",
+            file.file_name
+        );
+    }
+    let out = server
+        .kubectl_output([
+            "apply".as_ref(),
+            "--server-side".as_ref(),
+            "--field-manager=liveclone-crds".as_ref(),
+            "-f".as_ref(),
+            dir.as_os_str(),
+        ])
+        .expect("kubectl apply -f deploy/crds");
+    eprint!("kubectl apply --server-side -f deploy/crds:\n{out}");
+    let mut wait = vec![
+        "wait".to_owned(),
+        "--for=condition=Established".to_owned(),
+        "--timeout=60s".to_owned(),
+    ];
+    wait.extend(
+        generated
+            .iter()
+            .map(|f| format!("crd/{}", f.file_name.trim_end_matches(".yaml"))),
+    );
+    server
+        .kubectl_output(&wait)
+        .expect("waiting for the CRDs to be established");
+}
+
+pub async fn create_namespace(client: &Client, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: meta(name, None),
+                ..Namespace::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+}
+
+pub fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: namespace.map(str::to_owned),
+        ..ObjectMeta::default()
+    }
+}
+
+/// kubectl's table: one map per row from column name to cell, by the
+/// header's column positions (cells such as "120.0 MiB/s" hold spaces).
+pub fn parse_table(out: &str) -> (Vec<String>, Vec<BTreeMap<String, String>>) {
+    let mut lines = out.lines();
+    let header = lines.next().expect("a header line");
+    let mut starts = Vec::new();
+    let mut names = Vec::new();
+    let mut previous = ' ';
+    for (index, c) in header.char_indices() {
+        if c != ' ' && previous == ' ' {
+            starts.push(index);
+        }
+        previous = c;
+    }
+    for (i, &start) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).copied().unwrap_or(header.len());
+        names.push(header[start..end].trim().to_owned());
+    }
+    let rows = lines
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let start = starts[i].min(line.len());
+                    let end = starts
+                        .get(i + 1)
+                        .copied()
+                        .unwrap_or(line.len())
+                        .min(line.len());
+                    (name.clone(), line[start..end].trim().to_owned())
+                })
+                .collect()
+        })
+        .collect();
+    (names, rows)
+}
+
+pub fn kubectl_table(
+    server: &ApiServer,
+    args: &[&str],
+) -> (Vec<String>, Vec<BTreeMap<String, String>>) {
+    let out = server
+        .kubectl_output(args)
+        .unwrap_or_else(|e| panic!("kubectl {}: {e:#}", args.join(" ")));
+    eprintln!("$ kubectl {}\n{out}", args.join(" "));
+    parse_table(&out)
+}
+
+pub fn row<'a>(rows: &'a [BTreeMap<String, String>], name: &str) -> &'a BTreeMap<String, String> {
+    rows.iter()
+        .find(|r| r.get("NAME").map(String::as_str) == Some(name))
+        .unwrap_or_else(|| panic!("no row named {name} in {rows:?}"))
+}
