@@ -140,9 +140,6 @@ export GOFLAGS=""
 export GOWORK=off
 export CGO_ENABLED=0
 
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
-
 # The cache entry being built (NAME-VERSION.partial); removed if the script
 # fails before it is complete, so that no half-built folder stays behind.
 PARTIAL=""
@@ -151,82 +148,9 @@ remove_partial() {
 }
 trap remove_partial EXIT
 
-# Is version $1 at least $2? (sort -V orders 1.9 < 1.19 < 1.25.0 correctly.)
-version_at_least() {
-    [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n1)" = "$2" ]
-}
-
-# --- Go (as in build-go-tools.sh) ------------------------------------------------
-
-go_version_of() {
-    "$1" version 2>/dev/null | awk '{sub(/^go/, "", $3); print $3}'
-}
-
-find_any_go() {
-    local candidate
-    for candidate in "$(command -v go || true)" /usr/local/go/bin/go /usr/lib/go/bin/go; do
-        if [ -n "$candidate" ] && [ -x "$candidate" ] && [ -n "$(go_version_of "$candidate")" ]; then
-            printf '%s\n' "$candidate"
-            return 0
-        fi
-    done
-    return 1
-}
-
-apt_install() {
-    command -v apt-get >/dev/null || die "apt-get not found; install $* by hand"
-    if [ "${#SUDO[@]}" -gt 0 ]; then
-        command -v sudo >/dev/null || die "run as root or install sudo (needed to install $*)"
-    fi
-    "${SUDO[@]}" apt-get update -qq
-    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
-
-# Go $GO_FETCH_VERSION as the module golang.org/toolchain, through the proxy
-# and checked against the checksum database, with any bootstrap Go.
-fetch_toolchain() {
-    local bootstrap="$1" dest="$2"
-    local os arch module work dir
-    os="$("$bootstrap" env GOHOSTOS)"
-    arch="$("$bootstrap" env GOHOSTARCH)"
-    module="golang.org/toolchain@v0.0.1-go${GO_FETCH_VERSION}.${os}-${arch}"
-    work="$dest.partial"
-    rm -rf "$work" "$dest"
-    mkdir -p "$work"
-    log "downloading $module through $GOPROXY (bootstrap: Go $(go_version_of "$bootstrap"))"
-    dir="$(cd "$work" && GOMODCACHE="$work/modcache" GOFLAGS=-modcacherw \
-        "$bootstrap" mod download -json "$module" |
-        awk -F'"' '$2 == "Dir" {print $4}')"
-    [ -n "$dir" ] && [ -f "$dir/bin/go" ] || die "downloading $module gave no bin/go"
-    mv "$dir" "$dest"
-    rm -rf "$work"
-    chmod +x "$dest"/bin/* "$dest"/pkg/tool/*/*
-    touch "$dest/.complete"
-}
-
-find_go() {
-    local go_bin version fetched="$TOOLS_ROOT/go-$GO_FETCH_VERSION"
-    if go_bin="$(find_any_go)"; then
-        version="$(go_version_of "$go_bin")"
-        if version_at_least "$version" "$GO_MIN"; then
-            printf '%s\n' "$go_bin"
-            return
-        fi
-        log "Go $version at $go_bin is older than $GO_MIN"
-    fi
-    if [ -f "$fetched/.complete" ]; then
-        log "cache hit: Go $GO_FETCH_VERSION in $fetched"
-    else
-        if ! go_bin="$(find_any_go)"; then
-            log "no Go found: installing Debian's golang-go to bootstrap Go $GO_FETCH_VERSION"
-            apt_install golang-go ca-certificates
-            go_bin="$(find_any_go)" || die "golang-go installed but no go command found"
-        fi
-        fetch_toolchain "$go_bin" "$fetched"
-    fi
-    printf '%s\n' "$fetched/bin/go"
-}
+# Go: found or fetched as build-go-tools.sh does.
+# shellcheck source=tests/tools/go-lib.sh
+source "$(dirname "$0")/go-lib.sh"
 
 GO=""
 need_go() {
@@ -439,8 +363,7 @@ etcd_from_debian() {
     deb_version="$(apt-cache show --no-all-versions "$ETCD_DEB_PACKAGE" 2>/dev/null | awk '$1 == "Version:" {print $2; exit}')"
     if [ -z "$deb_version" ]; then
         log "apt knows no $ETCD_DEB_PACKAGE yet: updating the package lists"
-        [ "${#SUDO[@]}" -eq 0 ] || command -v sudo >/dev/null || die "run as root or install sudo (apt-get update)"
-        "${SUDO[@]}" apt-get update -qq
+        apt_update_once
         deb_version="$(apt-cache show --no-all-versions "$ETCD_DEB_PACKAGE" 2>/dev/null | awk '$1 == "Version:" {print $2; exit}')"
         [ -n "$deb_version" ] || die "apt has no package $ETCD_DEB_PACKAGE"
     fi
