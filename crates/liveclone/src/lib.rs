@@ -13,5 +13,6 @@ pub mod cli;
 pub mod domain;
 pub mod grpc;
 pub mod k8s;
+pub mod metrics;
 pub mod os;
 pub mod proto;

@@ -21,6 +21,7 @@ use crate::grpc::controller::ControllerService;
 use crate::grpc::identity::{IdentityService, NotReady, Readiness};
 use crate::grpc::node::NodeService;
 use crate::grpc::server::BoundSocket;
+use crate::metrics::{self as metrics_endpoint, Metrics, MetricsListener};
 use crate::os::Os;
 
 #[derive(Debug, Clone, Args)]
@@ -60,6 +61,12 @@ pub struct ServeArgs {
     /// 0 leaves the node's setting alone.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=1024))]
     pub kcopyd_subjob_kib: u32,
+    /// Where to serve Prometheus metrics (`GET /metrics`), as IP:port,
+    /// e.g. `127.0.0.1:9808`; empty or `off` serves none. Off unless asked:
+    /// a fixed default port would make a second driver on the machine (a
+    /// test, a second pool) fail to start. The Kubernetes manifests set it.
+    #[arg(long, default_value = "off")]
+    pub metrics_address: String,
 }
 
 /// Which CSI services a process serves. Every mode runs the engine on this
@@ -141,7 +148,12 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
         stall_after: seconds(args.stall_after_seconds, "stall-after-seconds")?,
         ..MonitorConfig::default()
     };
+    let metrics_address = metrics_endpoint::parse_address(&args.metrics_address)?;
     let _state_lock = lock_state_dir(&args.state_dir)?;
+    let metrics_listener = match metrics_address {
+        Some(address) => Some(MetricsListener::bind(address).await?),
+        None => None,
+    };
     // Before recovery loads any table: each clone table's copier takes the
     // value current when it is created.
     if args.kcopyd_subjob_kib > 0 {
@@ -155,7 +167,9 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
             Err(e) => warn!("cannot set dm-mod's kcopyd_subjob_size_kb: {e}; hydration copies in the kernel's default pieces"),
         }
     }
-    let engine = Arc::new(build_engine(&args, node_id.clone(), os)?);
+    let metrics = Arc::new(Metrics::new());
+    let engine =
+        Arc::new(build_engine(&args, node_id.clone(), os)?.with_metrics(Arc::clone(&metrics)));
     info!(?mode, node = %node_id, pool = %engine.pool().describe(), "starting");
 
     let health = Arc::new(Health {
@@ -164,7 +178,9 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
         ))),
     });
     // Bind first, so the socket answers Probe (not ready) during recovery.
-    let socket = BoundSocket::bind(&args.endpoint).await?;
+    let socket = BoundSocket::bind(&args.endpoint)
+        .await?
+        .with_metrics(Arc::clone(&metrics));
     let mut routes = Routes::new(IdentityService::new(health.clone()).into_server())
         .add_service(AdminService::new(Arc::clone(&engine)).into_server());
     if mode != Mode::Node {
@@ -178,6 +194,15 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
     let server = tokio::spawn(socket.serve(routes, async move {
         let _ = server_stop.wait_for(|stop| *stop).await;
     }));
+    if let Some(listener) = metrics_listener {
+        if let Ok(address) = listener.local_addr() {
+            info!(%address, "serving metrics on /metrics");
+        }
+        let mut metrics_stop = stop_rx.clone();
+        tokio::spawn(listener.serve(Arc::clone(&metrics), async move {
+            let _ = metrics_stop.wait_for(|stop| *stop).await;
+        }));
+    }
 
     let recovered = {
         let engine = Arc::clone(&engine);

@@ -76,7 +76,13 @@ pub async fn run(engine: Arc<Engine>, config: MonitorConfig, mut shutdown: watch
                 }
             }
         };
-        followed.retain(|id, _| hydrating.iter().any(|(h, _)| h == id));
+        followed.retain(|id, _| {
+            let keep = hydrating.iter().any(|(h, _)| h == id);
+            if let (false, Some(metrics)) = (keep, engine.metrics()) {
+                metrics.forget_hydration(id.as_str());
+            }
+            keep
+        });
         for (id, _) in &hydrating {
             round(&engine, &config, origin, &events, &mut followed, id).await;
         }

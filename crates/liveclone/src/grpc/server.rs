@@ -14,6 +14,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,8 @@ use tonic::codegen::{Bytes, Service};
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tracing::Instrument as _;
+
+use crate::metrics::{Metrics, NO_STATUS};
 
 /// The scheme prefix of socket endpoints, as in `unix:///csi/csi.sock`.
 const UNIX_SCHEME: &str = "unix://";
@@ -144,6 +147,8 @@ pub struct BoundSocket {
     /// Device and inode of the socket file this process created, so that
     /// cleanup removes that file and not one someone put in its place.
     created: Option<(u64, u64)>,
+    /// Where each RPC's count and latency are recorded, if anywhere.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl BoundSocket {
@@ -182,7 +187,14 @@ impl BoundSocket {
             listener,
             path,
             created,
+            metrics: None,
         })
+    }
+
+    /// Records every RPC served in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The socket's path.
@@ -202,9 +214,10 @@ impl BoundSocket {
             listener,
             path,
             created,
+            metrics,
         } = self;
         let served = Server::builder()
-            .layer(RpcLogLayer)
+            .layer(RpcLogLayer { metrics })
             .add_routes(routes)
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
             .await;
@@ -331,15 +344,21 @@ async fn remove_own_socket(path: &Path, created: (u64, u64)) {
     }
 }
 
-/// Tower layer that gives every RPC a tracing span and logs how it ended.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcLogLayer;
+/// Tower layer that gives every RPC a tracing span and logs how it ended
+/// (and records it in the metrics, if given).
+#[derive(Debug, Clone, Default)]
+pub struct RpcLogLayer {
+    pub metrics: Option<Arc<Metrics>>,
+}
 
 impl<S> tower_layer::Layer<S> for RpcLogLayer {
     type Service = RpcLog<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcLog { inner }
+        RpcLog {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -347,6 +366,7 @@ impl<S> tower_layer::Layer<S> for RpcLogLayer {
 #[derive(Debug, Clone)]
 pub struct RpcLog<S> {
     inner: S,
+    metrics: Option<Arc<Metrics>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -371,12 +391,15 @@ where
         let span = tracing::debug_span!("rpc", method = %rpc);
         let started = Instant::now();
         let response = self.inner.call(request).instrument(span.clone());
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             let response = response.await?;
             let mut outcome = RpcOutcome {
                 span,
                 started,
                 logged: false,
+                rpc,
+                metrics,
             };
             // A call that fails before any message carries its status in
             // the headers ("trailers-only"); otherwise the status comes in
@@ -400,11 +423,13 @@ fn grpc_code(headers: &HeaderMap) -> Option<tonic::Code> {
         .map(|value| tonic::Code::from_bytes(value.as_bytes()))
 }
 
-/// Logs, once, how an RPC ended.
+/// Logs (and records in the metrics), once, how an RPC ended.
 struct RpcOutcome {
     span: tracing::Span,
     started: Instant,
     logged: bool,
+    rpc: String,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl RpcOutcome {
@@ -412,12 +437,18 @@ impl RpcOutcome {
         self.logged = true;
         let latency = self.started.elapsed();
         tracing::debug!(parent: &self.span, ?code, ?latency, "rpc finished");
+        if let Some(metrics) = &self.metrics {
+            metrics.record_rpc(&self.rpc, &format!("{code:?}"), latency);
+        }
     }
 
     fn log_unfinished(&mut self, what: &str) {
         self.logged = true;
         let latency = self.started.elapsed();
         tracing::debug!(parent: &self.span, ?latency, "rpc ended without a status: {what}");
+        if let Some(metrics) = &self.metrics {
+            metrics.record_rpc(&self.rpc, NO_STATUS, latency);
+        }
     }
 }
 

@@ -69,6 +69,8 @@ pub struct Engine {
     config: EngineConfig,
     /// Latest hydration progress per volume, written by the monitor.
     progress: Mutex<BTreeMap<VolumeId, Progress>>,
+    /// Where published progress is also recorded, if anywhere.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -103,7 +105,18 @@ impl Engine {
             locks: OpLocks::default(),
             config,
             progress: Mutex::new(BTreeMap::new()),
+            metrics: None,
         }
+    }
+
+    /// Records published hydration progress in `metrics` too.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
+        self.metrics.as_ref()
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -190,11 +203,23 @@ impl Engine {
 
     /// Called by the monitor with each new figure.
     pub fn publish_progress(&self, id: &VolumeId, progress: Progress) {
-        self.progress_map().insert(id.clone(), progress);
+        let mut map = self.progress_map();
+        if let Some(metrics) = &self.metrics {
+            metrics.hydration_progress(id.as_str(), &progress);
+        }
+        map.insert(id.clone(), progress);
+        if let Some(metrics) = &self.metrics {
+            metrics.set_hydration_phases(map.values().map(|p| p.phase));
+        }
     }
 
     pub fn forget_progress(&self, id: &VolumeId) {
-        self.progress_map().remove(id);
+        let mut map = self.progress_map();
+        map.remove(id);
+        if let Some(metrics) = &self.metrics {
+            metrics.forget_hydration(id.as_str());
+            metrics.set_hydration_phases(map.values().map(|p| p.phase));
+        }
     }
 
     /// Free bytes for new volumes.
