@@ -32,7 +32,7 @@ pub struct ServeArgs {
     /// Where volume and snapshot records are kept (standalone state).
     #[arg(long, default_value = "/var/lib/liveclone/state")]
     pub state_dir: PathBuf,
-    /// The file pool: a folder on ext4, xfs or btrfs that holds volume data.
+    /// The file pool: a folder on ext4 or xfs that holds volume data.
     #[arg(long, default_value = "/var/lib/liveclone/pool")]
     pub pool_dir: PathBuf,
     /// This node's name, reported in NodeGetInfo and topology (default:
