@@ -138,10 +138,29 @@ impl Vm {
         self.boot(commands, cut_when)
     }
 
+    /// Boots once more when the first boot printed nothing at all within
+    /// [`BOOT_SILENCE_LIMIT`]: QEMU's software CPU has been seen, about once
+    /// in twenty boots, to spin before the kernel's first console line. No
+    /// line means the guest never reached its agent, so nothing ran and
+    /// booting again is safe, disks included.
     fn boot(
         &self,
         commands: Vec<Vec<String>>,
         mut cut_when: impl FnMut(&str) -> bool,
+    ) -> Result<Outcome> {
+        match self.boot_once(commands.clone(), &mut cut_when) {
+            Err(error) if error.downcast_ref::<SilentBoot>().is_some() => {
+                eprintln!("vmtest: {error}; booting once more");
+                self.boot_once(commands, &mut cut_when)
+            }
+            other => other,
+        }
+    }
+
+    fn boot_once(
+        &self,
+        commands: Vec<Vec<String>>,
+        cut_when: &mut impl FnMut(&str) -> bool,
     ) -> Result<Outcome> {
         ensure!(!commands.is_empty(), "nothing to run in the VM");
         let runs = self.kernel.runs_dir()?;
@@ -210,6 +229,13 @@ impl Vm {
         let mut cut = false;
         loop {
             let now = Instant::now();
+            if console.is_empty() && now >= started + BOOT_SILENCE_LIMIT && now < deadline {
+                qemu.kill();
+                return Err(SilentBoot {
+                    after: BOOT_SILENCE_LIMIT,
+                }
+                .into());
+            }
             if now >= deadline {
                 qemu.kill();
                 bail!(
@@ -218,7 +244,16 @@ impl Vm {
                     tail(&console, 30)
                 );
             }
-            match rx.recv_timeout(deadline - now) {
+            // Wake at the silence limit too, while nothing was printed.
+            let wait = if console.is_empty() {
+                (started + BOOT_SILENCE_LIMIT)
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(100))
+                    .min(deadline - now)
+            } else {
+                deadline - now
+            };
+            match rx.recv_timeout(wait) {
                 Ok(line) => {
                     if self.echo {
                         let mut err = std::io::stderr().lock();
@@ -332,6 +367,29 @@ fn path_str(path: &Path) -> Result<&str> {
 fn tail(lines: &[String], n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// How long a boot may stay silent (no console line at all) before it is
+/// taken for a hung boot. A boot prints its first line after about 7 s
+/// under TCG, and under a minute on a loaded 2-core machine.
+const BOOT_SILENCE_LIMIT: Duration = Duration::from_secs(180);
+
+/// A boot that printed nothing within [`BOOT_SILENCE_LIMIT`].
+#[derive(Debug)]
+struct SilentBoot {
+    after: Duration,
+}
+
+impl std::fmt::Display for SilentBoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the VM printed nothing within {} s of starting QEMU (a hung boot); QEMU was killed",
+            self.after.as_secs()
+        )
+    }
+}
+
+impl std::error::Error for SilentBoot {}
 
 /// The QEMU process; killed and reaped if the runner returns early (error or
 /// panic), so no VM outlives its run.
