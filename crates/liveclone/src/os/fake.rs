@@ -541,6 +541,17 @@ impl State {
         self.devices.iter().find(|(_, dm)| dm.minor == minor)
     }
 
+    /// The name and simulated clone target of the device-mapper device
+    /// `minor`, when its live table is a clone.
+    fn live_clone_by_minor(&self, minor: u32) -> Option<(DmName, CloneSim)> {
+        self.dm_by_minor(minor).and_then(|(name, dm)| {
+            Some((
+                name.parse::<DmName>().ok()?,
+                dm.live.as_ref()?.clone.clone()?,
+            ))
+        })
+    }
+
     fn resolve_loop(&self, minor: u32) -> Option<Resolved> {
         self.loops.get(&minor).map(|lp| Resolved {
             id: DevId::Loop(minor),
@@ -1578,13 +1589,7 @@ impl Filesystems for FakeOs {
             return Err(busy(&call, "the file system is frozen"));
         }
         if let Some(DevId::Dm(minor)) = device {
-            let clone = state.dm_by_minor(minor).and_then(|(name, dm)| {
-                Some((
-                    name.parse::<DmName>().ok()?,
-                    dm.live.as_ref()?.clone.clone()?,
-                ))
-            });
-            if let Some((name, sim)) = clone {
+            if let Some((name, sim)) = state.live_clone_by_minor(minor) {
                 if sim.mode == SimMetadataMode::ReadWrite {
                     let remaining = sim.total_regions - state.hydrated_of(&sim);
                     let discarded = remaining * u64::from(state.trim_discard_percent) / 100;
@@ -1755,13 +1760,7 @@ impl Filesystems for FakeOs {
             ));
         }
         if let DevId::Dm(minor) = resolved.id {
-            let clone = state.dm_by_minor(minor).and_then(|(name, dm)| {
-                Some((
-                    name.parse::<DmName>().ok()?,
-                    dm.live.as_ref()?.clone.clone()?,
-                ))
-            });
-            if let Some((name, sim)) = clone {
+            if let Some((name, sim)) = state.live_clone_by_minor(minor) {
                 let region = sim.region_size.sectors().0 * SECTOR_BYTES;
                 let first = offset.div_ceil(region);
                 let end = (offset.saturating_add(length) / region).min(sim.total_regions);

@@ -37,20 +37,12 @@ impl LinuxKernel {
 
 /// The version of the `clone` target among the registered targets.
 fn listed_clone_version() -> OsResult<Option<String>> {
-    let control = devicemapper::DM::new().map_err(|e| {
-        OsError::new(
-            OsErrorKind::Unsupported,
-            "open /dev/mapper/control",
-            format!("{e}; is dm-mod loaded and /dev/mapper/control present in this container?"),
-        )
-    })?;
-    let targets = control
-        .list_versions()
-        .map_err(|e| OsError::new(OsErrorKind::Failed, "DM_LIST_VERSIONS", e.to_string()))?;
-    Ok(targets
-        .into_iter()
-        .find(|(name, ..)| name == crate::os::dm::CLONE_TARGET_TYPE)
-        .map(|(_, major, minor, patch)| format!("{major}.{minor}.{patch}")))
+    use crate::os::dm::ioctl;
+    // Without device-mapper at all the node cannot serve: Unsupported,
+    // whatever kept the control device from opening.
+    let control = ioctl::open_control()
+        .map_err(|e| OsError::new(OsErrorKind::Unsupported, e.operation, e.detail))?;
+    ioctl::target_version(&control, crate::os::dm::CLONE_TARGET_TYPE)
 }
 
 impl Kernel for LinuxKernel {

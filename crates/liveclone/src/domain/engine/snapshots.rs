@@ -115,27 +115,24 @@ impl Engine {
         mut snapshot: SnapshotRecord,
     ) -> DomainResult<SnapshotRecord> {
         let volume = self.require_volume(&snapshot.source_volume)?;
-        if snapshot.method != Some(CutMethod::Redirect) && !self.pool.instant_clone_supported()? {
-            self.check_cuttable(&volume)?;
-            snapshot.method = Some(CutMethod::Redirect);
-            snapshot.source_generation = volume.generation;
-            self.snapshots.put(&snapshot)?;
-        }
         if snapshot.method != Some(CutMethod::Redirect) {
             self.check_cuttable(&volume)?;
-            let image = Storage::Image(snapshot.id.clone());
-            // A reflink interrupted by a crash may have left part of an image.
-            self.pool.remove(&image)?;
-            let cut = self.quiesce(&volume)?;
-            if self.pool.clone_instant(&Self::data_of(&volume), &image)? {
+            // A pool known not to reflink is not suspended just to find out.
+            if self.pool.instant_clone_supported()? {
+                let image = Storage::Image(snapshot.id.clone());
+                // A reflink interrupted by a crash may have left part of an image.
+                self.pool.remove(&image)?;
+                let cut = self.quiesce(&volume)?;
+                if self.pool.clone_instant(&Self::data_of(&volume), &image)? {
+                    cut.release()?;
+                    snapshot.method = Some(CutMethod::Reflink);
+                    snapshot.state = SnapshotState::Ready;
+                    self.snapshots.put(&snapshot)?;
+                    info!(snapshot = %snapshot.id, "snapshot cut by reflink");
+                    return Ok(snapshot);
+                }
                 cut.release()?;
-                snapshot.method = Some(CutMethod::Reflink);
-                snapshot.state = SnapshotState::Ready;
-                self.snapshots.put(&snapshot)?;
-                info!(snapshot = %snapshot.id, "snapshot cut by reflink");
-                return Ok(snapshot);
             }
-            cut.release()?;
             snapshot.method = Some(CutMethod::Redirect);
             snapshot.source_generation = volume.generation;
             self.snapshots.put(&snapshot)?;
@@ -235,23 +232,27 @@ impl Engine {
     pub fn redirected_awaiting_hydration(&self) -> DomainResult<Vec<VolumeId>> {
         let mut waiting = Vec::new();
         for volume in self.volumes.list()? {
-            let Some(hydration) = &volume.hydration else {
-                continue;
-            };
-            if volume.state != VolumeState::Ready || hydration.stage >= HydrationStage::Enabled {
-                continue;
-            }
-            // A cut that failed or is still running leaves the same stage
-            // before the swap; only a finished cut has its image ready.
-            let cut_done = self
-                .snapshots
-                .get(&hydration.source)?
-                .is_some_and(|s| s.state == SnapshotState::Ready);
-            if cut_done {
+            if self.awaits_redirected_hydration(&volume)? {
                 waiting.push(volume.id);
             }
         }
         Ok(waiting)
+    }
+
+    /// Whether the volume is ready, not yet copying back, and its cut done.
+    fn awaits_redirected_hydration(&self, volume: &VolumeRecord) -> DomainResult<bool> {
+        let Some(hydration) = &volume.hydration else {
+            return Ok(false);
+        };
+        if volume.state != VolumeState::Ready || hydration.stage >= HydrationStage::Enabled {
+            return Ok(false);
+        }
+        // A cut that failed or is still running leaves the same stage
+        // before the swap; only a finished cut has its image ready.
+        Ok(self
+            .snapshots
+            .get(&hydration.source)?
+            .is_some_and(|s| s.state == SnapshotState::Ready))
     }
 
     /// Trims a volume redirected by a cut (through its mount, or a private
@@ -261,10 +262,12 @@ impl Engine {
         let span = info_span!("start_redirected_hydration", volume = %id);
         let _entered = span.enter();
         let _guard = self.locks.try_acquire_background([id])?;
-        if !self.redirected_awaiting_hydration()?.contains(id) {
+        let Some(mut volume) = self.volumes.get(id)? else {
+            return Ok(());
+        };
+        if !self.awaits_redirected_hydration(&volume)? {
             return Ok(());
         }
-        let mut volume = self.require_volume(id)?;
         if volume
             .hydration
             .as_ref()

@@ -133,7 +133,9 @@ impl DmIoctl {
     }
 }
 
-fn open_control() -> OsResult<DM> {
+/// Opens the device-mapper control device (also for the kernel's target
+/// check in `os::kernel`).
+pub(crate) fn open_control() -> OsResult<DM> {
     DM::new().map_err(|e| {
         let mut error = dm_error(format!("open {CONTROL}"), e);
         if !Path::new(CONTROL).exists() {
@@ -144,6 +146,18 @@ fn open_control() -> OsResult<DM> {
         }
         error
     })
+}
+
+/// The version (`1.0.0`) of a registered target type, `None` when the
+/// kernel has no such target loaded.
+pub(crate) fn target_version(dm: &DM, target: &str) -> OsResult<Option<String>> {
+    let targets = dm
+        .list_versions()
+        .map_err(|e| dm_error("DM_LIST_VERSIONS", e))?;
+    Ok(targets
+        .into_iter()
+        .find(|(name, ..)| name == target)
+        .map(|(_, major, minor, patch)| format!("{major}.{minor}.{patch}")))
 }
 
 impl DeviceMapper for DmIoctl {
