@@ -12,7 +12,7 @@
 #   <tool>-<version>/<tool>       the binary
 #   <tool>-<version>/build.env    what built it (package, Go version)
 #   go-<version>/                 a Go toolchain, only when the machine has no
-#                                 Go new enough (see find_go below)
+#                                 Go new enough (see find_go in go-lib.sh)
 #
 # Adding a tool is one line in TOOLS. A tool that `go install pkg@version`
 # cannot build (kube-apiserver: its go.mod replaces the staging modules with
@@ -47,39 +47,11 @@ for arg in "$@"; do
     esac
 done
 
-# --- cache root ---------------------------------------------------------------
-
-# Same resolution as tests/vm/prepare.sh and crates/vmtest/src/cache.rs, with
-# tools/ instead of vm/ (LIVECLONE_TOOLS_CACHE moves it, as LIVECLONE_VM_CACHE
-# moves the VM's).
-if [ -n "${HOME:-}" ]; then DEFAULT_CACHE="$HOME/.cache"; else DEFAULT_CACHE=/var/cache; fi
-TOOLS_ROOT="${LIVECLONE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$DEFAULT_CACHE}/liveclone/tools}"
-mkdir -p "$TOOLS_ROOT"
-
-# Two builds at once (parallel make, two checkouts) would race on the same
-# directories: take turns.
-exec 9>"$TOOLS_ROOT/.lock"
-flock 9
-
-# Without HOME, Go has nowhere for its module and build caches: keep them in
-# ours. With HOME, Go's usual caches are shared with the user's other builds.
-if [ -z "${HOME:-}" ]; then
-    export GOPATH="${GOPATH:-$TOOLS_ROOT/.gopath}"
-    export GOCACHE="${GOCACHE:-$TOOLS_ROOT/.gocache}"
-fi
-# Sources through the module proxy only (no fallback to cloning from GitHub),
-# checked against the checksum database; the exact Go we chose, never one that
-# a go.mod asks to switch to; no flags from the caller's GOFLAGS.
-export GOPROXY="${GOPROXY:-https://proxy.golang.org}"
-export GOSUMDB="${GOSUMDB:-sum.golang.org}"
-export GOTOOLCHAIN=local
-export GOFLAGS=""
-export CGO_ENABLED=0
-
-# --- Go ----------------------------------------------------------------------
+# --- cache root and Go environment ------------------------------------------
 
 # shellcheck source=tests/tools/go-lib.sh
 source "$(dirname "$0")/go-lib.sh"
+enter_tools_cache
 
 # --- tools -------------------------------------------------------------------
 

@@ -112,33 +112,12 @@ for arg in "$@"; do
     esac
 done
 
-# --- cache root -------------------------------------------------------------------
+# --- cache root and Go environment ------------------------------------------
 
-# Same resolution as build-go-tools.sh (and crates/kubetest reads it the
-# same way).
-if [ -n "${HOME:-}" ]; then DEFAULT_CACHE="$HOME/.cache"; else DEFAULT_CACHE=/var/cache; fi
-TOOLS_ROOT="${LIVECLONE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$DEFAULT_CACHE}/liveclone/tools}"
-mkdir -p "$TOOLS_ROOT"
-TOOLS_ROOT="$(cd "$TOOLS_ROOT" && pwd -P)"
+# shellcheck source=tests/tools/go-lib.sh
+source "$(dirname "$0")/go-lib.sh"
+enter_tools_cache
 ENV_FILE="$TOOLS_ROOT/k8s.env"
-
-# One build at a time per cache (the lock is build-go-tools.sh's too).
-exec 9>"$TOOLS_ROOT/.lock"
-flock 9
-
-if [ -z "${HOME:-}" ]; then
-    export GOPATH="${GOPATH:-$TOOLS_ROOT/.gopath}"
-    export GOCACHE="${GOCACHE:-$TOOLS_ROOT/.gocache}"
-fi
-# Sources only through the module proxy, checked against the checksum
-# database; the Go we chose, never one a go.mod asks for; none of the
-# caller's GOFLAGS; no go.work from a parent folder.
-export GOPROXY="${GOPROXY:-https://proxy.golang.org}"
-export GOSUMDB="${GOSUMDB:-sum.golang.org}"
-export GOTOOLCHAIN=local
-export GOFLAGS=""
-export GOWORK=off
-export CGO_ENABLED=0
 
 # The cache entry being built (NAME-VERSION.partial); removed if the script
 # fails before it is complete, so that no half-built folder stays behind.
@@ -147,10 +126,6 @@ remove_partial() {
     if [ -n "$PARTIAL" ]; then rm -rf "$PARTIAL"; fi
 }
 trap remove_partial EXIT
-
-# Go: found or fetched as build-go-tools.sh does.
-# shellcheck source=tests/tools/go-lib.sh
-source "$(dirname "$0")/go-lib.sh"
 
 GO=""
 need_go() {

@@ -1,12 +1,46 @@
 # Shared by build-go-tools.sh and build-k8s-tools.sh (source it, do not run
 # it): finds a Go toolchain new enough for the tools, or fetches one.
 #
-# The caller defines log and die, and sets TOOLS_ROOT (the cache folder),
-# GO_MIN (the oldest Go that builds its tools) and GO_FETCH_VERSION (the Go
-# fetched when the machine has none new enough).
+# The caller defines log and die, and sets GO_MIN (the oldest Go that builds
+# its tools) and GO_FETCH_VERSION (the Go fetched when the machine has none
+# new enough), then calls enter_tools_cache before building anything.
 
 # shellcheck source=tests/tools/apt-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/apt-lib.sh"
+
+# Sets TOOLS_ROOT to the tools cache and takes its lock (held until the
+# script exits), then the Go environment for every build. The cache resolves
+# as tests/vm/prepare.sh and crates/vmtest/src/cache.rs do, with tools/
+# instead of vm/; LIVECLONE_TOOLS_CACHE moves it (crates/kubetest reads it
+# the same way).
+enter_tools_cache() {
+    local default_cache
+    if [ -n "${HOME:-}" ]; then default_cache="$HOME/.cache"; else default_cache=/var/cache; fi
+    TOOLS_ROOT="${LIVECLONE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$default_cache}/liveclone/tools}"
+    mkdir -p "$TOOLS_ROOT"
+    TOOLS_ROOT="$(cd "$TOOLS_ROOT" && pwd -P)"
+    # Two builds at once (parallel make, two checkouts, the two scripts)
+    # would race on the same folders: take turns.
+    exec 9>"$TOOLS_ROOT/.lock"
+    flock 9
+    # Without HOME, Go has nowhere for its module and build caches: keep
+    # them in ours. With HOME, Go's usual caches are shared with the user's
+    # other builds.
+    if [ -z "${HOME:-}" ]; then
+        export GOPATH="${GOPATH:-$TOOLS_ROOT/.gopath}"
+        export GOCACHE="${GOCACHE:-$TOOLS_ROOT/.gocache}"
+    fi
+    # Sources through the module proxy only (no fallback to cloning from
+    # GitHub), checked against the checksum database; the exact Go we chose,
+    # never one a go.mod asks to switch to; none of the caller's GOFLAGS; no
+    # go.work from a parent folder.
+    export GOPROXY="${GOPROXY:-https://proxy.golang.org}"
+    export GOSUMDB="${GOSUMDB:-sum.golang.org}"
+    export GOTOOLCHAIN=local
+    export GOFLAGS=""
+    export GOWORK=off
+    export CGO_ENABLED=0
+}
 
 # "1.26.8" from `go version` (prints "go version go1.26.8 linux/amd64").
 go_version_of() {

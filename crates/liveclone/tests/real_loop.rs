@@ -35,31 +35,9 @@ const RO_DIRECT: LoopOptions = LoopOptions {
     direct_io: true,
 };
 
-/// Fails loudly outside the VM unless the host opt-in is given: these tests
-/// create loop devices and mounts.
-fn require_real_kernel() {
-    let set = |name: &str| std::env::var_os(name).is_some_and(|value| value == "1");
-    assert!(
-        set("LIVECLONE_IN_VM") || set("LIVECLONE_TEST_ON_HOST"),
-        "real-kernel tests run in the test VM (`make test-vm`), or as root on a host \
-         when LIVECLONE_TEST_ON_HOST=1"
-    );
-}
-
-/// A temporary directory under `TMPDIR`, removed at the end.
-fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("liveclone-test-")
-        .tempdir()
-        .expect("temporary directory under TMPDIR")
-}
-
-fn sparse_file(path: &Path, bytes: u64) -> PathBuf {
-    File::create(path)
-        .and_then(|file| file.set_len(bytes))
-        .unwrap_or_else(|error| panic!("creating {}: {error}", path.display()));
-    path.to_path_buf()
-}
+#[path = "common/kernel.rs"]
+mod kernel;
+use kernel::{require_real_kernel, scratch, sparse_file};
 
 /// `loopN` of a device path.
 fn name_of(device: &Path) -> String {

@@ -40,6 +40,11 @@ use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use tonic::Code;
 
+mod kernel;
+// Each test binary uses part of it, as with the rest of this module.
+#[allow(unused_imports)]
+pub use kernel::{in_vm, require_real_kernel};
+
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
@@ -85,22 +90,6 @@ pub fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
-}
-
-/// Whether this runs inside the test VM (its agent sets the variable).
-pub fn in_vm() -> bool {
-    std::env::var_os("LIVECLONE_IN_VM").is_some_and(|v| v == "1")
-}
-
-/// The same check as the bench's smoke tests: these tests create devices
-/// and mounts, so they run in the VM, or on a host only when asked to.
-pub fn require_real_kernel() {
-    let on_host = std::env::var_os("LIVECLONE_TEST_ON_HOST").is_some_and(|v| v == "1");
-    assert!(
-        in_vm() || on_host,
-        "real-kernel tests and benchmarks run in the test VM (`make test-vm`, `make bench`), \
-         or on a host with dm-clone when LIVECLONE_TEST_ON_HOST=1"
-    );
 }
 
 // ---------------------------------------------------------------------------
