@@ -420,6 +420,7 @@ async fn kubectl_shows_the_printer_columns() {
     let volume = LivecloneVolume::new(
         CLONE_VOLUME,
         LivecloneVolumeSpec {
+            name: "pvc-clone-a".to_owned(),
             node: "node-1".to_owned(),
             capacity_bytes: 1 << 30,
             access: VolumeAccess {
@@ -427,6 +428,7 @@ async fn kubectl_shows_the_printer_columns() {
                 fs_type: Some(FsType::Ext4),
             },
             content_source: None,
+            claim: None,
             parameters: BTreeMap::from([(
                 "liveclone.io/regionSize".to_owned(),
                 "64KiB".to_owned(),
@@ -466,8 +468,14 @@ async fn kubectl_shows_the_printer_columns() {
             &LivecloneSnapshot::new(
                 SNAPSHOT,
                 LivecloneSnapshotSpec {
+                    name: "snapshot-a".to_owned(),
                     source_volume: SOURCE_VOLUME.to_owned(),
                     node: "node-1".to_owned(),
+                    access: VolumeAccess {
+                        mode: AccessMode::Block,
+                        fs_type: None,
+                    },
+                    volume_snapshot: None,
                 },
             ),
         )

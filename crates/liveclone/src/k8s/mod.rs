@@ -31,7 +31,8 @@ pub use hydration::{
 };
 pub use volume::{
     AccessMode, LivecloneSnapshot, LivecloneSnapshotSpec, LivecloneSnapshotStatus, LivecloneVolume,
-    LivecloneVolumeSpec, LivecloneVolumeStatus, VolumeAccess, VolumeContentSource, VolumePhase,
+    LivecloneVolumeSpec, LivecloneVolumeStatus, ObjectName, VolumeAccess, VolumeContentSource,
+    VolumePhase,
 };
 
 /// The API group of every liveclone resource.

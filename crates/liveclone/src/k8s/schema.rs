@@ -12,6 +12,9 @@ use crate::os::fs::FsType;
 pub(super) const NAME_MAX: u32 = 253;
 /// Longest namespace name (a DNS label).
 pub(super) const NAMESPACE_MAX: u32 = 63;
+/// Longest CSI volume or snapshot name liveclone accepts.
+// `as` because `TryFrom` is not const; the value (253) fits.
+pub(super) const CSI_NAME_MAX: u32 = crate::domain::ids::MAX_NAME_LEN as u32;
 /// Longest CSI volume or snapshot ID (the CSI spec's size limit).
 pub(super) const CSI_ID_MAX: u32 = 128;
 

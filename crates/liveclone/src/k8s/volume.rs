@@ -91,6 +91,13 @@ fn default_pool() -> String {
     "message": "contentSource cannot be added or removed"
 }]))]
 pub struct LivecloneVolumeSpec {
+    /// The name the CO gave in CreateVolume; the volume ID (this object's
+    /// name) is derived from it, and the node needs it to make the volume
+    /// exactly as a standalone CreateVolume would.
+    #[schemars(length(min = 1, max = schema::CSI_NAME_MAX), extend("x-kubernetes-validations" = [
+        {"rule": "self == oldSelf", "message": "name is immutable"}
+    ]))]
+    pub name: String,
     /// The node whose storage holds the volume.
     #[schemars(length(min = 1, max = schema::NAME_MAX), extend("x-kubernetes-validations" = [
         {"rule": "self == oldSelf", "message": "node is immutable"}
@@ -113,10 +120,25 @@ pub struct LivecloneVolumeSpec {
     /// The StorageClass parameters the volume was made with.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub parameters: BTreeMap<String, String>,
+    /// The PersistentVolumeClaim the volume was provisioned for (from the
+    /// provisioner's `--extra-create-metadata`): where the VolumeHydration of
+    /// a clone goes and what it names as its source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ObjectName>,
     /// The node's storage pool that holds the volume.
     #[serde(default = "default_pool")]
     #[schemars(length(min = 1, max = schema::NAMESPACE_MAX))]
     pub pool: String,
+}
+
+/// A namespaced object's namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectName {
+    #[schemars(length(min = 1, max = schema::NAMESPACE_MAX))]
+    pub namespace: String,
+    #[schemars(length(min = 1, max = schema::NAME_MAX))]
+    pub name: String,
 }
 
 /// Filesystem or Block, as a claim's volumeMode says.
@@ -327,6 +349,12 @@ pub struct LivecloneVolumeStatus {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LivecloneSnapshotSpec {
+    /// The name the CO gave in CreateSnapshot (the snapshot ID is derived
+    /// from it).
+    #[schemars(length(min = 1, max = schema::CSI_NAME_MAX), extend("x-kubernetes-validations" = [
+        {"rule": "self == oldSelf", "message": "name is immutable"}
+    ]))]
+    pub name: String,
     /// CSI volume ID of the snapshotted volume.
     #[schemars(length(min = 1, max = schema::CSI_ID_MAX), extend("x-kubernetes-validations" = [
         {"rule": "self == oldSelf", "message": "sourceVolume is immutable"}
@@ -337,6 +365,14 @@ pub struct LivecloneSnapshotSpec {
         {"rule": "self == oldSelf", "message": "node is immutable"}
     ]))]
     pub node: String,
+    /// How the snapshotted volume is consumed; volumes restored from the
+    /// snapshot are the same (kept here because the source volume may be
+    /// deleted before them).
+    pub access: VolumeAccess,
+    /// The VolumeSnapshot the snapshot was made for (from the snapshotter's
+    /// `--extra-create-metadata`), named as the source of restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot: Option<ObjectName>,
 }
 
 /// The owning node's report on a snapshot.
@@ -412,6 +448,7 @@ mod tests {
     #[test]
     fn the_pool_defaults_to_file_when_absent() {
         let spec: LivecloneVolumeSpec = serde_json::from_value(serde_json::json!({
+            "name": "pvc-1",
             "node": "n1",
             "capacityBytes": 1024,
             "access": {"mode": "Block"},
