@@ -57,6 +57,23 @@ pub const CONTROLLER_FIELD_MANAGER: &str = "liveclone-controller";
 /// `spec.node` stays the authority: agents check it on what they receive.
 pub const NODE_LABEL: &str = "liveclone.io/node";
 
+/// Finalizer on every LivecloneVolume and LivecloneSnapshot, set by the
+/// controller agent when it creates the object and removed by the node
+/// agent of `spec.node` once the node's storage for it is gone (or handed
+/// to the node's own records, as a deleted source's image is while clones
+/// still copy from it). So deleting the object (DeleteVolume,
+/// DeleteSnapshot) never leaves storage behind on the node, whichever agent
+/// was down at the time.
+pub const STORAGE_FINALIZER: &str = "liveclone.io/storage";
+
+/// Condition type on LivecloneVolume and LivecloneSnapshot status: True
+/// when the object exists on its node as the spec says. When the node
+/// cannot make it, False with the reason the engine's error code
+/// ([`crate::domain::error::ErrorCode::as_str`], e.g. `OutOfRange`), which
+/// the controller agent returns to the CO as that gRPC code, and the
+/// engine's message.
+pub const READY_CONDITION: &str = "Ready";
+
 /// Longest label value Kubernetes accepts.
 const LABEL_VALUE_MAX: usize = 63;
 
