@@ -11,5 +11,6 @@ pub mod model;
 pub mod monitor;
 pub mod paths;
 pub mod pool;
+pub mod provisioner;
 pub mod sizing;
 pub mod store;

@@ -2,9 +2,11 @@
 //!
 //! Each handler checks the request as the spec asks (missing fields are
 //! INVALID_ARGUMENT naming the field, IDs that cannot be ours are
-//! NOT_FOUND), runs the engine on the blocking pool and turns the record it
-//! returns into the response. What a call does to state (idempotency,
-//! sizes against sources, locking) is the engine's business.
+//! NOT_FOUND), asks the [`Provisioner`] (this node's engine in standalone
+//! mode, the node agents through the API server in Kubernetes mode) and
+//! turns what it returns into the response. What a call does to state
+//! (idempotency, sizes against sources, locking) is the provisioner's
+//! business.
 //!
 //! Liveclone volumes live in one node's pool, so every volume is accessible
 //! from that node only ([`crate::grpc::TOPOLOGY_NODE_KEY`]); there is no
@@ -17,16 +19,14 @@ use tonic::{Request, Response, Status};
 use tracing::{field, info_span, Instrument as _, Span};
 
 use crate::domain::engine::{CreateVolume, Engine};
-use crate::domain::error::DomainResult;
 use crate::domain::ids::{SnapshotId, VolumeId};
-use crate::domain::model::{AccessKind, ContentSource, VolumeRecord, VolumeState};
+use crate::domain::provisioner::{LocalProvisioner, Placement, Provisioner, VolumeInfo};
 use crate::domain::sizing::{parse_parameters, PARAMETER_PREFIX};
 use crate::grpc::convert::volume_span;
 use crate::grpc::convert::{
-    self, bytes_i64, capabilities, capability, capacity_range, content_source,
-    content_source_message, is_node, node_topology, quoted, require, snapshot_message,
+    self, bytes_i64, capabilities, capability, capacity_range, co_metadata, content_source,
+    content_source_message, node_topology, quoted, require, snapshot_message,
 };
-use crate::grpc::errors::run_blocking;
 use crate::proto::csi::v1::controller_server::{Controller, ControllerServer};
 use crate::proto::csi::v1::controller_service_capability::{self, rpc};
 use crate::proto::csi::v1::validate_volume_capabilities_response::Confirmed;
@@ -46,21 +46,14 @@ use crate::proto::csi::v1::{
 };
 
 /// The Controller service implementation.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ControllerService {
-    engine: Arc<Engine>,
+    provisioner: Arc<dyn Provisioner>,
 }
 
-impl std::fmt::Debug for ControllerService {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControllerService")
-            .field("node_id", &self.engine.config().node_id)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What the controller offers, in the order the CO sees them.
-fn controller_capabilities() -> Vec<ControllerServiceCapability> {
+/// What the controller offers, in the order the CO sees them; GET_CAPACITY
+/// only when the provisioner can answer it.
+fn controller_capabilities(reports_capacity: bool) -> Vec<ControllerServiceCapability> {
     [
         rpc::Type::CreateDeleteVolume,
         rpc::Type::CreateDeleteSnapshot,
@@ -74,6 +67,7 @@ fn controller_capabilities() -> Vec<ControllerServiceCapability> {
         rpc::Type::SingleNodeMultiWriter,
     ]
     .into_iter()
+    .filter(|kind| reports_capacity || *kind != rpc::Type::GetCapacity)
     .map(|kind| ControllerServiceCapability {
         r#type: Some(controller_service_capability::Type::Rpc(
             controller_service_capability::Rpc {
@@ -94,26 +88,31 @@ fn plain_span(rpc: &'static str) -> Span {
     info_span!("csi", rpc)
 }
 
-/// A volume the CO may see: recorded and completely created. One still
-/// being created has not been returned by CreateVolume yet, and one being
-/// deleted is gone as far as the CO is concerned.
-fn visible(record: Option<VolumeRecord>, id: &VolumeId) -> Result<VolumeRecord, Status> {
-    record
-        .filter(|record| record.state == VolumeState::Ready)
-        .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))
+/// A volume the CO may see, or NOT_FOUND.
+fn visible(volume: Option<VolumeInfo>, id: &VolumeId) -> Result<VolumeInfo, Status> {
+    volume.ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))
 }
 
-/// What a content source holds, if it exists: a copy of it holds the same.
-/// A missing source is left for the engine to report, with the rest of its
-/// checks.
-fn source_access(
-    engine: &Engine,
-    source: Option<&ContentSource>,
-) -> DomainResult<Option<AccessKind>> {
-    Ok(match source {
-        None => None,
-        Some(ContentSource::Volume(id)) => engine.volume(id)?.map(|record| record.access),
-        Some(ContentSource::Snapshot(id)) => engine.snapshot(id)?.map(|record| record.access),
+/// Which nodes the CO allows, from its accessibility requirements. A
+/// topology without our key names no node of ours (an empty name, which
+/// matches none), so a requirement made only of such topologies cannot be
+/// met rather than being ignored.
+fn placement(requirement: Option<&TopologyRequirement>) -> Placement {
+    let names = |topologies: &[crate::proto::csi::v1::Topology]| -> Vec<String> {
+        topologies
+            .iter()
+            .map(|topology| {
+                topology
+                    .segments
+                    .get(crate::grpc::TOPOLOGY_NODE_KEY)
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    requirement.map_or_else(Placement::default, |requirement| Placement {
+        requisite: names(&requirement.requisite),
+        preferred: names(&requirement.preferred),
     })
 }
 
@@ -135,7 +134,12 @@ impl ControllerService {
     /// A Controller service over `engine`, which it shares with the Node
     /// service (and the admin API) of the same process.
     pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+        Self::with_provisioner(Arc::new(LocalProvisioner::new(engine)))
+    }
+
+    /// A Controller service whose work is done by `provisioner`.
+    pub fn with_provisioner(provisioner: Arc<dyn Provisioner>) -> Self {
+        Self { provisioner }
     }
 
     /// The tonic service, ready to be added to the routes given to
@@ -143,55 +147,22 @@ impl ControllerService {
     pub fn into_server(self) -> ControllerServer<Self> {
         ControllerServer::new(self)
     }
+}
 
-    fn node_id(&self) -> &str {
-        &self.engine.config().node_id
+/// A volume as CSI shows it. Nothing secret goes into the context: it is
+/// stored in the PersistentVolume for anyone to read.
+fn volume_message(volume: &VolumeInfo) -> Volume {
+    Volume {
+        capacity_bytes: bytes_i64(volume.capacity_bytes),
+        volume_id: volume.id.to_string(),
+        volume_context: Default::default(),
+        content_source: volume.content_source.as_ref().map(content_source_message),
+        accessible_topology: vec![node_topology(&volume.node)],
     }
+}
 
-    /// A volume record as CSI shows it. Nothing secret goes into the
-    /// context: it is stored in the PersistentVolume for anyone to read.
-    fn volume_message(&self, record: &VolumeRecord) -> Volume {
-        Volume {
-            capacity_bytes: bytes_i64(record.capacity_bytes),
-            volume_id: record.id.to_string(),
-            volume_context: Default::default(),
-            content_source: record.content_source.as_ref().map(content_source_message),
-            accessible_topology: vec![node_topology(self.node_id())],
-        }
-    }
-
-    fn condition(&self, id: &VolumeId) -> VolumeCondition {
-        convert::volume_condition(
-            self.engine.abnormal_condition(id),
-            self.engine.progress_of(id).map(|progress| progress.message),
-        )
-    }
-
-    /// RESOURCE_EXHAUSTED when the CO names topologies and none of them is
-    /// this node: the volume could only be made here (the spec's code for
-    /// "unable to provision in accessible_topology").
-    fn check_topology(&self, requirement: Option<&TopologyRequirement>) -> Result<(), Status> {
-        let Some(requirement) = requirement else {
-            return Ok(());
-        };
-        let named: Vec<_> = requirement
-            .requisite
-            .iter()
-            .chain(&requirement.preferred)
-            .collect();
-        if named.is_empty()
-            || named
-                .iter()
-                .any(|topology| is_node(topology, self.node_id()))
-        {
-            return Ok(());
-        }
-        Err(Status::resource_exhausted(format!(
-            "liveclone volumes are only accessible on the node that holds them; this is node \
-             {:?} and accessibility_requirements do not include it",
-            self.node_id()
-        )))
-    }
+fn condition(volume: &VolumeInfo) -> VolumeCondition {
+    convert::volume_condition(volume.abnormal.clone(), volume.progress.clone())
 }
 
 #[tonic::async_trait]
@@ -216,22 +187,29 @@ impl Controller for ControllerService {
             let capacity = capacity_range(request.capacity_range.as_ref())?;
             let source = content_source(request.volume_content_source.as_ref())?;
             refuse_mutable_parameters(&request.mutable_parameters)?;
-            self.check_topology(request.accessibility_requirements.as_ref())?;
-            let engine = Arc::clone(&self.engine);
-            let lookup = source.clone();
-            let held = run_blocking(&span, move || source_access(&engine, lookup.as_ref())).await?;
+            let placement = placement(request.accessibility_requirements.as_ref());
+            // What a content source holds, if it exists: a copy of it holds
+            // the same. A missing source is left for the provisioner to
+            // report, with the rest of its checks.
+            let held = match &source {
+                Some(source) => self.provisioner.source_access(source).await?,
+                None => None,
+            };
             let access = convert::access_kind(&wanted, &request.parameters, held)?;
+            let (parameters, metadata) = co_metadata(&request.parameters);
             let create = CreateVolume {
                 name: request.name.clone(),
                 capacity,
                 access,
                 source,
-                parameters: convert::parameters(&request.parameters),
+                parameters,
             };
-            let engine = Arc::clone(&self.engine);
-            let record = run_blocking(&span, move || engine.create_volume(create)).await?;
+            let volume = self
+                .provisioner
+                .create_volume(create, &placement, &metadata)
+                .await?;
             Ok(Response::new(CreateVolumeResponse {
-                volume: Some(self.volume_message(&record)),
+                volume: Some(volume_message(&volume)),
             }))
         }
         .instrument(span.clone())
@@ -252,8 +230,7 @@ impl Controller for ControllerService {
                 tracing::debug!("not a liveclone volume ID; nothing to delete");
                 return Ok(Response::new(DeleteVolumeResponse {}));
             };
-            let engine = Arc::clone(&self.engine);
-            run_blocking(&span, move || engine.delete_volume(&id)).await?;
+            self.provisioner.delete_volume(&id).await?;
             Ok(Response::new(DeleteVolumeResponse {}))
         }
         .instrument(span.clone())
@@ -292,15 +269,10 @@ impl Controller for ControllerService {
                 return Err(Status::invalid_argument("volume_capabilities is required"));
             }
             let id = convert::volume_id("volume_id", &request.volume_id)?;
-            let engine = Arc::clone(&self.engine);
-            let lookup = id.clone();
-            let record = visible(
-                run_blocking(&span, move || engine.volume(&lookup)).await?,
-                &id,
-            )?;
+            let volume = visible(self.provisioner.volume(&id).await?, &id)?;
             let mut problems = Vec::new();
             for (index, wanted) in request.volume_capabilities.iter().enumerate() {
-                if let Err(why) = capability(wanted).and_then(|c| c.fits(record.access)) {
+                if let Err(why) = capability(wanted).and_then(|c| c.fits(volume.access)) {
                     problems.push(format!("volume_capabilities[{index}]: {why}"));
                 }
             }
@@ -337,11 +309,10 @@ impl Controller for ControllerService {
         let request = request.into_inner();
         let span = plain_span("ListVolumes");
         async {
-            let engine = Arc::clone(&self.engine);
-            let records = run_blocking(&span, move || engine.list_volumes()).await?;
+            let volumes = self.provisioner.list_volumes().await?;
             let page = convert::paginate(
-                records,
-                |record| record.id.as_str(),
+                volumes,
+                |volume| volume.id.as_str(),
                 |token| token.parse::<VolumeId>().is_ok(),
                 request.max_entries,
                 &request.starting_token,
@@ -349,11 +320,11 @@ impl Controller for ControllerService {
             let entries = page
                 .entries
                 .iter()
-                .map(|record| list_volumes_response::Entry {
-                    volume: Some(self.volume_message(record)),
+                .map(|volume| list_volumes_response::Entry {
+                    volume: Some(volume_message(volume)),
                     status: Some(list_volumes_response::VolumeStatus {
                         published_node_ids: Vec::new(),
-                        volume_condition: Some(self.condition(&record.id)),
+                        volume_condition: Some(condition(volume)),
                     }),
                 })
                 .collect();
@@ -378,13 +349,17 @@ impl Controller for ControllerService {
                 maximum_volume_size: None,
                 minimum_volume_size: None,
             });
-            // Another node's pool, or volumes this plugin cannot make:
-            // nothing is available for them here.
-            if let Some(topology) = &request.accessible_topology {
-                if !topology.segments.is_empty() && !is_node(topology, self.node_id()) {
-                    return Ok(none);
+            // A topology without our key is not one of our nodes.
+            let node = match &request.accessible_topology {
+                Some(topology) if !topology.segments.is_empty() => {
+                    match topology.segments.get(crate::grpc::TOPOLOGY_NODE_KEY) {
+                        Some(node) => Some(node.as_str()),
+                        None => return Ok(none),
+                    }
                 }
-            }
+                _ => None,
+            };
+            // Volumes this plugin cannot make: nothing is available for them.
             if request
                 .volume_capabilities
                 .iter()
@@ -397,8 +372,7 @@ impl Controller for ControllerService {
             // CreateVolume would then refuse.
             parse_parameters(&convert::parameters(&request.parameters))
                 .map_err(|error| Status::invalid_argument(format!("parameters: {error}")))?;
-            let engine = Arc::clone(&self.engine);
-            let available = run_blocking(&span, move || engine.available_capacity()).await?;
+            let available = self.provisioner.available_capacity(node).await?;
             Ok(Response::new(GetCapacityResponse {
                 available_capacity: bytes_i64(available),
                 maximum_volume_size: None,
@@ -414,7 +388,7 @@ impl Controller for ControllerService {
         _request: Request<ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
         Ok(Response::new(ControllerGetCapabilitiesResponse {
-            capabilities: controller_capabilities(),
+            capabilities: controller_capabilities(self.provisioner.reports_capacity()),
         }))
     }
 
@@ -450,12 +424,13 @@ impl Controller for ControllerService {
                 )));
             }
             let source = convert::volume_id("source_volume_id", &request.source_volume_id)?;
-            let engine = Arc::clone(&self.engine);
-            let name = request.name.clone();
-            let record =
-                run_blocking(&span, move || engine.create_snapshot(&name, &source)).await?;
+            let (_, metadata) = co_metadata(&request.parameters);
+            let snapshot = self
+                .provisioner
+                .create_snapshot(&request.name, &source, &metadata)
+                .await?;
             Ok(Response::new(CreateSnapshotResponse {
-                snapshot: Some(snapshot_message(&record)),
+                snapshot: Some(snapshot_message(&snapshot)),
             }))
         }
         .instrument(span.clone())
@@ -475,8 +450,7 @@ impl Controller for ControllerService {
                 tracing::debug!("not a liveclone snapshot ID; nothing to delete");
                 return Ok(Response::new(DeleteSnapshotResponse {}));
             };
-            let engine = Arc::clone(&self.engine);
-            run_blocking(&span, move || engine.delete_snapshot(&id)).await?;
+            self.provisioner.delete_snapshot(&id).await?;
             Ok(Response::new(DeleteSnapshotResponse {}))
         }
         .instrument(span.clone())
@@ -502,8 +476,7 @@ impl Controller for ControllerService {
             let records = if matches_nothing {
                 Vec::new()
             } else {
-                let engine = Arc::clone(&self.engine);
-                run_blocking(&span, move || engine.list_snapshots()).await?
+                self.provisioner.list_snapshots().await?
             };
             let filtered: Vec<_> = records
                 .into_iter()
@@ -547,13 +520,10 @@ impl Controller for ControllerService {
         let span = snapshot_span("GetSnapshot", &request.snapshot_id);
         async {
             let id = convert::snapshot_id("snapshot_id", &request.snapshot_id)?;
-            let engine = Arc::clone(&self.engine);
-            let lookup = id.clone();
-            let record = run_blocking(&span, move || engine.snapshot(&lookup))
+            let record = self
+                .provisioner
+                .snapshot(&id)
                 .await?
-                // Hidden cuts (made for clones of volumes) and snapshots the
-                // CO deleted are not the CO's to see.
-                .filter(|record| !record.hidden && !record.deleted)
                 .ok_or_else(|| Status::not_found(format!("snapshot {id} does not exist")))?;
             Ok(Response::new(GetSnapshotResponse {
                 snapshot: Some(snapshot_message(&record)),
@@ -581,9 +551,8 @@ impl Controller for ControllerService {
                     .map_err(|why| Status::invalid_argument(format!("volume_capability: {why}")))?;
             }
             let id = convert::volume_id("volume_id", &request.volume_id)?;
-            let engine = Arc::clone(&self.engine);
             let (bytes, node_expansion_required) =
-                run_blocking(&span, move || engine.expand_volume(&id, capacity)).await?;
+                self.provisioner.expand_volume(&id, capacity).await?;
             Ok(Response::new(ControllerExpandVolumeResponse {
                 capacity_bytes: bytes_i64(bytes),
                 node_expansion_required,
@@ -601,17 +570,12 @@ impl Controller for ControllerService {
         let span = volume_span("ControllerGetVolume", &request.volume_id);
         async {
             let id = convert::volume_id("volume_id", &request.volume_id)?;
-            let engine = Arc::clone(&self.engine);
-            let lookup = id.clone();
-            let record = visible(
-                run_blocking(&span, move || engine.volume(&lookup)).await?,
-                &id,
-            )?;
+            let volume = visible(self.provisioner.volume(&id).await?, &id)?;
             Ok(Response::new(ControllerGetVolumeResponse {
-                volume: Some(self.volume_message(&record)),
+                volume: Some(volume_message(&volume)),
                 status: Some(controller_get_volume_response::VolumeStatus {
                     published_node_ids: Vec::new(),
-                    volume_condition: Some(self.condition(&id)),
+                    volume_condition: Some(condition(&volume)),
                 }),
             }))
         }

@@ -13,7 +13,8 @@ use tonic::Status;
 
 use crate::domain::engine::CapacityRange;
 use crate::domain::ids::{SnapshotId, VolumeId};
-use crate::domain::model::{AccessKind, ContentSource, SnapshotRecord, SnapshotState};
+use crate::domain::model::{AccessKind, ContentSource};
+use crate::domain::provisioner::{CoMetadata, CoObject, SnapshotInfo};
 use crate::grpc::TOPOLOGY_NODE_KEY;
 use crate::os::fs::FsType;
 use crate::proto::csi::v1::volume_capability::access_mode::Mode;
@@ -350,13 +351,13 @@ pub fn timestamp(unix_seconds: u64) -> prost_types::Timestamp {
 }
 
 /// A snapshot record as CSI shows it.
-pub fn snapshot_message(record: &SnapshotRecord) -> csi::Snapshot {
+pub fn snapshot_message(snapshot: &SnapshotInfo) -> csi::Snapshot {
     csi::Snapshot {
-        size_bytes: bytes_i64(record.size_bytes),
-        snapshot_id: record.id.to_string(),
-        source_volume_id: record.source_volume.to_string(),
-        creation_time: Some(timestamp(record.created_at)),
-        ready_to_use: record.state == SnapshotState::Ready,
+        size_bytes: bytes_i64(snapshot.size_bytes),
+        snapshot_id: snapshot.id.to_string(),
+        source_volume_id: snapshot.source_volume.to_string(),
+        creation_time: Some(timestamp(snapshot.created_at)),
+        ready_to_use: snapshot.ready_to_use,
         group_snapshot_id: String::new(),
     }
 }
@@ -388,6 +389,40 @@ pub fn parameters(parameters: &HashMap<String, String>) -> BTreeMap<String, Stri
         .iter()
         .map(|(key, value)| (key.clone(), value.clone()))
         .collect()
+}
+
+/// Prefix of the parameters that Kubernetes' sidecars add with
+/// `--extra-create-metadata` (names of the claim, PV, VolumeSnapshot).
+pub const CO_METADATA_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// Splits a request's parameters into the StorageClass's own and what the
+/// CO says about the objects the call is for. The CO's keys are not
+/// parameters of the volume: two claims with the same class make alike
+/// volumes.
+pub fn co_metadata(parameters: &HashMap<String, String>) -> (BTreeMap<String, String>, CoMetadata) {
+    let get = |key: &str| {
+        parameters
+            .get(&format!("{CO_METADATA_PREFIX}{key}"))
+            .filter(|value| !value.is_empty())
+            .cloned()
+    };
+    let object = |namespace: &str, name: &str| {
+        Some(CoObject {
+            namespace: get(namespace)?,
+            name: get(name)?,
+        })
+    };
+    let metadata = CoMetadata {
+        claim: object("pvc/namespace", "pvc/name"),
+        persistent_volume: get("pv/name"),
+        volume_snapshot: object("volumesnapshot/namespace", "volumesnapshot/name"),
+    };
+    let own = parameters
+        .iter()
+        .filter(|(key, _)| !key.starts_with(CO_METADATA_PREFIX))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    (own, metadata)
 }
 
 /// One page of a list call.
