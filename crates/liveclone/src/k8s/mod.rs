@@ -16,6 +16,7 @@
 //! columns and validation are derived from them, so the YAML can never say
 //! something the agents do not read.
 
+pub mod controller;
 pub mod crds;
 pub mod hydration;
 pub mod node;

@@ -79,7 +79,7 @@ impl CapacityRange {
         Ok(size)
     }
 
-    fn admits(&self, bytes: u64) -> bool {
+    pub fn admits(&self, bytes: u64) -> bool {
         bytes >= self.required_bytes && (self.limit_bytes == 0 || bytes <= self.limit_bytes)
     }
 }
