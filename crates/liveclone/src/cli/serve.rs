@@ -67,11 +67,23 @@ pub struct ServeArgs {
     /// test, a second pool) fail to start. The Kubernetes manifests set it.
     #[arg(long, default_value = "off")]
     pub metrics_address: String,
+    /// Kubernetes mode: `controller` turns CSI calls into LivecloneVolume
+    /// and LivecloneSnapshot objects and waits for their nodes (no pool, no
+    /// state folder); `node` makes the objects of its node (`--node-id`
+    /// must be the Kubernetes node name) and publishes VolumeHydration
+    /// status. Uses the in-cluster service account (or KUBECONFIG).
+    #[arg(long, env = "LIVECLONE_KUBERNETES")]
+    pub kubernetes: bool,
+    /// Kubernetes mode, controller: seconds a CSI call waits for the
+    /// node's report before answering UNAVAILABLE (the sidecar retries).
+    /// Keep it below the sidecars' `--timeout`.
+    #[arg(long, default_value_t = 50.0)]
+    pub node_wait_seconds: f64,
 }
 
-/// Which CSI services a process serves. Every mode runs the engine on this
-/// node's pool; Kubernetes mode (a later issue) splits the work between a
-/// controller agent and node agents over the API server.
+/// Which CSI services a process serves. Without `--kubernetes` every mode
+/// runs the engine on this node's pool; with it, the controller agent runs
+/// no engine and the node agents make what it asks for (see `k8s`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Controller,
@@ -139,6 +151,16 @@ pub fn build_engine(args: &ServeArgs, node_id: String, os: Os) -> anyhow::Result
 /// Serves until SIGTERM or SIGINT, over the given OS implementation
 /// (the binary passes the Linux one).
 pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
+    if args.kubernetes {
+        match mode {
+            Mode::Controller => return run_kubernetes_controller(args).await,
+            Mode::Standalone => anyhow::bail!(
+                "standalone keeps its state in a local folder and runs without Kubernetes; in \
+                 a cluster run `controller --kubernetes` and `node --kubernetes`"
+            ),
+            Mode::Node => {}
+        }
+    }
     let node_id = match &args.node_id {
         Some(id) => id.clone(),
         None => host_name()?,
@@ -149,6 +171,11 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
         ..MonitorConfig::default()
     };
     let metrics_address = metrics_endpoint::parse_address(&args.metrics_address)?;
+    let mut kube_client = if args.kubernetes {
+        Some(kubernetes_client().await?)
+    } else {
+        None
+    };
     let _state_lock = lock_state_dir(&args.state_dir)?;
     let metrics_listener = match metrics_address {
         Some(address) => Some(MetricsListener::bind(address).await?),
@@ -214,14 +241,106 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
         Err(e) => error!("recovery failed: {e}"),
     }
     tokio::spawn(keep_health(Arc::clone(&engine), Arc::clone(&health)));
-    let monitor = tokio::spawn(monitor::run(Arc::clone(&engine), monitor_config, stop_rx));
+    let monitor = tokio::spawn(monitor::run(
+        Arc::clone(&engine),
+        monitor_config,
+        stop_rx.clone(),
+    ));
+    // After recovery: every device of the node exists again before the
+    // agent compares the cluster's objects with them.
+    let agent = match kube_client.take() {
+        Some(client) => Some(tokio::spawn(crate::k8s::node::run(
+            client,
+            Arc::clone(&engine),
+            node_id.clone(),
+            crate::k8s::node::HydrationAgentConfig::default(),
+            stop_rx,
+        ))),
+        None => None,
+    };
 
     wait_for_signal().await?;
     info!("stopping");
     let _ = stop_tx.send(true);
     let _ = monitor.await;
+    if let Some(agent) = agent {
+        let _ = agent.await;
+    }
     server.await??;
     Ok(())
+}
+
+/// The API client of Kubernetes mode: the pod's service account, or
+/// KUBECONFIG outside a cluster. Made before anything else starts, so that
+/// a node without access fails at once with a clear message.
+async fn kubernetes_client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default().await.context(
+        "connecting to the Kubernetes API server (in-cluster service account or KUBECONFIG)",
+    )
+}
+
+/// `liveclone controller --kubernetes`: Identity and the Controller service
+/// over the API server; no engine, pool or state folder.
+async fn run_kubernetes_controller(args: ServeArgs) -> anyhow::Result<()> {
+    let wait_timeout = seconds(args.node_wait_seconds, "node-wait-seconds")?;
+    let metrics_address = metrics_endpoint::parse_address(&args.metrics_address)?;
+    let metrics_listener = match metrics_address {
+        Some(address) => Some(MetricsListener::bind(address).await?),
+        None => None,
+    };
+    let client = kubernetes_client().await?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health {
+        state: RwLock::new(Err(NotReady::Initializing(
+            "reaching the Kubernetes API server".to_owned(),
+        ))),
+    });
+    let socket = BoundSocket::bind(&args.endpoint)
+        .await?
+        .with_metrics(Arc::clone(&metrics));
+    let config = crate::k8s::controller::ControllerAgentConfig {
+        wait_timeout,
+        ..Default::default()
+    };
+    let routes = Routes::new(IdentityService::new(health.clone()).into_server()).add_service(
+        crate::k8s::controller::controller_service(client.clone(), config).into_server(),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(socket.serve(routes, async move {
+        let _ = server_stop.wait_for(|stop| *stop).await;
+    }));
+    if let Some(listener) = metrics_listener {
+        let mut metrics_stop = stop_rx.clone();
+        tokio::spawn(listener.serve(Arc::clone(&metrics), async move {
+            let _ = metrics_stop.wait_for(|stop| *stop).await;
+        }));
+    }
+    info!("controller agent started (Kubernetes mode)");
+    tokio::spawn(keep_api_health(client, health));
+    wait_for_signal().await?;
+    info!("stopping");
+    let _ = stop_tx.send(true);
+    server.await??;
+    Ok(())
+}
+
+/// Probe of the controller agent: ready while the API server answers (all
+/// its work goes through it).
+async fn keep_api_health(client: kube::Client, health: Arc<Health>) {
+    loop {
+        let state = match client.apiserver_version().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(NotReady::Unhealthy(format!(
+                "the Kubernetes API server does not answer: {e}"
+            ))),
+        };
+        if let Err(problem) = &state {
+            warn!("not ready: {problem}");
+        }
+        health.set(state);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
 }
 
 /// Holds an exclusive lock on the state folder for the life of the
