@@ -43,7 +43,7 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::process::Daemon;
+pub use crate::process::Daemon;
 pub use crate::tools::{Tool, Tools};
 
 /// The user of the static admin token.
@@ -87,6 +87,7 @@ pub struct ApiServer {
     etcd_url: String,
     kubeconfig: PathBuf,
     kubectl_cache: PathBuf,
+    ca_cert_path: PathBuf,
     ca_cert_pem: String,
     ca_cert_der: Vec<u8>,
     admin_token: String,
@@ -167,7 +168,13 @@ impl ApiServer {
 
         let url = format!("https://127.0.0.1:{port}");
         let kubeconfig = dir_path.join("kubeconfig");
-        write_kubeconfig(&kubeconfig, &url, &files.ca_cert, &files.admin_token)?;
+        write_kubeconfig(
+            &kubeconfig,
+            &url,
+            &files.ca_cert,
+            ADMIN_USER,
+            &files.admin_token,
+        )?;
         let mut server = Self {
             apiserver,
             etcd,
@@ -175,6 +182,7 @@ impl ApiServer {
             etcd_url,
             kubeconfig,
             kubectl_cache: dir_path.join("kubectl-cache"),
+            ca_cert_path: files.ca_cert,
             ca_cert_pem: files.ca_cert_pem,
             ca_cert_der: files.ca_cert_der,
             admin_token: files.admin_token,
@@ -319,6 +327,24 @@ impl ApiServer {
             .status
             .ok_or_else(|| anyhow!("the TokenRequest for {namespace}/{name} has no status"))?;
         Ok(status.token)
+    }
+
+    /// Writes a kubeconfig (mode 0600, in the server's folder) that
+    /// authenticates with a fresh token of the ServiceAccount
+    /// `namespace/name` (created if missing), for child processes such as
+    /// the CSI sidecars, which then act exactly as that account would in a
+    /// pod. Returns its path; the token is valid for an hour.
+    pub async fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> Result<PathBuf> {
+        let token = self.service_account_token(namespace, name).await?;
+        let path = self.dir_path.join(format!("kubeconfig-{namespace}-{name}"));
+        write_kubeconfig(
+            &path,
+            &self.url,
+            &self.ca_cert_path,
+            &format!("system:serviceaccount:{namespace}:{name}"),
+            &token,
+        )?;
+        Ok(path)
     }
 
     /// kubectl with the admin kubeconfig and a private cache folder (nothing
@@ -748,8 +774,9 @@ async fn etcd_healthy(port: u16) -> bool {
     }
 }
 
-/// The admin kubeconfig: JSON is valid YAML, and serde_json is at hand.
-fn write_kubeconfig(path: &Path, url: &str, ca_cert: &Path, token: &str) -> Result<()> {
+/// A kubeconfig of one user with a bearer token (the admin's, or a service
+/// account's): JSON is valid YAML, and serde_json is at hand.
+fn write_kubeconfig(path: &Path, url: &str, ca_cert: &Path, user: &str, token: &str) -> Result<()> {
     let config = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -757,10 +784,10 @@ fn write_kubeconfig(path: &Path, url: &str, ca_cert: &Path, token: &str) -> Resu
             "name": "kubetest",
             "cluster": {"server": url, "certificate-authority": path_arg(ca_cert)?},
         }],
-        "users": [{"name": ADMIN_USER, "user": {"token": token}}],
+        "users": [{"name": user, "user": {"token": token}}],
         "contexts": [{
             "name": "kubetest",
-            "context": {"cluster": "kubetest", "user": ADMIN_USER, "namespace": "default"},
+            "context": {"cluster": "kubetest", "user": user, "namespace": "default"},
         }],
         "current-context": "kubetest",
     });

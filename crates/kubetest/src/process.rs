@@ -1,6 +1,6 @@
-//! A long-running child process (etcd, kube-apiserver) that cannot outlive
-//! its owner: killed on drop, and killed by the kernel if the test process
-//! itself dies.
+//! A long-running child process (etcd, kube-apiserver, a CSI sidecar) that
+//! cannot outlive its owner: killed on drop, and killed by the kernel if the
+//! test process itself dies.
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -14,7 +14,9 @@ use anyhow::{Context, Result};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
-pub(crate) struct Daemon {
+/// A child process with its output in a log file; see the module
+/// documentation. Tests use it for the CSI sidecars.
+pub struct Daemon {
     name: &'static str,
     child: Option<Child>,
     log: PathBuf,

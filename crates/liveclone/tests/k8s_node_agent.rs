@@ -16,20 +16,22 @@
 
 mod k8s_common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_common::{create_namespace, install_crds, kubectl_table, meta, repo_root, row, start};
+use k8s_common::{
+    create_namespace, install_crds, install_rbac_exactly, kubectl_table, meta, row, start,
+    NODE_AGENT_RULES,
+};
 use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimSpec, TypedLocalObjectReference,
     VolumeResourceRequirements,
 };
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -241,50 +243,17 @@ fn claim() -> PersistentVolumeClaim {
 }
 
 /// Applies deploy/rbac/node.yaml and checks that its ClusterRole grants
-/// exactly what this test expects the agent to need.
+/// exactly what the node agent needs.
 async fn install_node_rbac(server: &ApiServer, admin: &Client) {
     create_namespace(admin, AGENT_NAMESPACE).await;
-    let file = repo_root().join("deploy/rbac/node.yaml");
-    let out = server
-        .kubectl_output(["apply".as_ref(), "-f".as_ref(), file.as_os_str()])
-        .expect("kubectl apply -f deploy/rbac/node.yaml");
-    eprint!("kubectl apply -f deploy/rbac/node.yaml:\n{out}");
-    let role = Api::<ClusterRole>::all(admin.clone())
-        .get(AGENT_ACCOUNT)
-        .await
-        .expect("the node agent's ClusterRole");
-    let granted: BTreeSet<(String, String, String)> = role
-        .rules
-        .unwrap_or_default()
-        .into_iter()
-        .flat_map(|rule| {
-            assert_eq!(rule.resource_names, None, "{rule:?}");
-            assert_eq!(rule.non_resource_urls, None, "{rule:?}");
-            let groups = rule.api_groups.unwrap_or_default();
-            let resources = rule.resources.unwrap_or_default();
-            let verbs = rule.verbs;
-            groups
-                .iter()
-                .flat_map(|g| {
-                    resources
-                        .iter()
-                        .flat_map(|r| verbs.iter().map(|v| (g.clone(), r.clone(), v.clone())))
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let wanted: BTreeSet<(String, String, String)> = [
-        ("liveclone.io", "volumehydrations", "list"),
-        ("liveclone.io", "volumehydrations", "watch"),
-        ("liveclone.io", "volumehydrations/status", "patch"),
-        ("events.k8s.io", "events", "create"),
-        ("events.k8s.io", "events", "patch"),
-        ("", "persistentvolumeclaims", "get"),
-    ]
-    .into_iter()
-    .map(|(g, r, v)| (g.to_owned(), r.to_owned(), v.to_owned()))
-    .collect();
-    assert_eq!(granted, wanted, "deploy/rbac/node.yaml grants other rules");
+    install_rbac_exactly(
+        server,
+        admin,
+        "deploy/rbac/node.yaml",
+        AGENT_ACCOUNT,
+        NODE_AGENT_RULES,
+    )
+    .await;
 }
 
 /// Polls the VolumeHydration until `check` accepts its status.

@@ -79,6 +79,10 @@ pub struct ServeArgs {
     /// Keep it below the sidecars' `--timeout`.
     #[arg(long, default_value_t = 50.0)]
     pub node_wait_seconds: f64,
+    /// Kubernetes mode, node: at most one VolumeHydration status write per
+    /// clone per this many seconds (phase changes are written at once).
+    #[arg(long, default_value_t = 2.0)]
+    pub status_interval_seconds: f64,
 }
 
 /// Which CSI services a process serves. Without `--kubernetes` every mode
@@ -171,6 +175,13 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
         ..MonitorConfig::default()
     };
     let metrics_address = metrics_endpoint::parse_address(&args.metrics_address)?;
+    let agent_config = crate::k8s::node::NodeAgentConfig {
+        hydrations: crate::k8s::node::HydrationAgentConfig {
+            status_interval: seconds(args.status_interval_seconds, "status-interval-seconds")?,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     let mut kube_client = if args.kubernetes {
         Some(kubernetes_client().await?)
     } else {
@@ -248,16 +259,15 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
     ));
     // After recovery: every device of the node exists again before the
     // agent compares the cluster's objects with them.
-    let agent = match kube_client.take() {
-        Some(client) => Some(tokio::spawn(crate::k8s::node::run(
+    let agent = kube_client.take().map(|client| {
+        tokio::spawn(crate::k8s::node::run_agent(
             client,
             Arc::clone(&engine),
             node_id.clone(),
-            crate::k8s::node::HydrationAgentConfig::default(),
+            agent_config,
             stop_rx,
-        ))),
-        None => None,
-    };
+        ))
+    });
 
     wait_for_signal().await?;
     info!("stopping");

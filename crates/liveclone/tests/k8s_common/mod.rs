@@ -149,3 +149,66 @@ pub fn row<'a>(rows: &'a [BTreeMap<String, String>], name: &str) -> &'a BTreeMap
         .find(|r| r.get("NAME").map(String::as_str) == Some(name))
         .unwrap_or_else(|| panic!("no row named {name} in {rows:?}"))
 }
+
+/// Applies an RBAC file of deploy/rbac (into an existing or new namespace
+/// `account_namespace`) and checks that its ClusterRole `role` grants
+/// exactly `wanted` (group, resource, verb) triples: a missing rule fails
+/// the agent run as that account, an extra one fails here.
+/// What the node agent's ClusterRole (deploy/rbac/node.yaml) must grant,
+/// no more: the tests that run the agent as that account check it.
+pub const NODE_AGENT_RULES: &[(&str, &str, &str)] = &[
+    ("liveclone.io", "volumehydrations", "list"),
+    ("liveclone.io", "volumehydrations", "watch"),
+    ("liveclone.io", "volumehydrations/status", "patch"),
+    ("liveclone.io", "liveclonevolumes", "list"),
+    ("liveclone.io", "liveclonevolumes", "watch"),
+    ("liveclone.io", "liveclonevolumes", "patch"),
+    ("liveclone.io", "liveclonevolumes/status", "patch"),
+    ("liveclone.io", "liveclonesnapshots", "list"),
+    ("liveclone.io", "liveclonesnapshots", "watch"),
+    ("liveclone.io", "liveclonesnapshots", "patch"),
+    ("liveclone.io", "liveclonesnapshots/status", "patch"),
+    ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
+    ("", "persistentvolumeclaims", "get"),
+];
+
+pub async fn install_rbac_exactly(
+    server: &ApiServer,
+    admin: &Client,
+    file: &str,
+    role: &str,
+    wanted: &[(&str, &str, &str)],
+) {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    use std::collections::BTreeSet;
+
+    let path = repo_root().join(file);
+    let out = server
+        .kubectl_output(["apply".as_ref(), "-f".as_ref(), path.as_os_str()])
+        .unwrap_or_else(|e| panic!("kubectl apply -f {file}: {e:#}"));
+    eprint!("kubectl apply -f {file}:\n{out}");
+    let rules = Api::<ClusterRole>::all(admin.clone())
+        .get(role)
+        .await
+        .unwrap_or_else(|e| panic!("the ClusterRole {role}: {e}"))
+        .rules
+        .unwrap_or_default();
+    let mut granted = BTreeSet::new();
+    for rule in rules {
+        assert_eq!(rule.resource_names, None, "{rule:?}");
+        assert_eq!(rule.non_resource_urls, None, "{rule:?}");
+        for group in rule.api_groups.unwrap_or_default() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    let wanted: BTreeSet<(String, String, String)> = wanted
+        .iter()
+        .map(|(g, r, v)| ((*g).to_owned(), (*r).to_owned(), (*v).to_owned()))
+        .collect();
+    assert_eq!(granted, wanted, "{file} grants other rules than expected");
+}

@@ -97,6 +97,37 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// A Warning Event on `object` (for the LivecloneVolume and
+    /// LivecloneSnapshot reconcilers, whose objects are cluster-scoped: the
+    /// recorder files their Events in the `default` namespace, where
+    /// `kubectl describe` looks for them). Returns whether it was
+    /// published; a failure is logged, not retried, since the status says
+    /// the same.
+    pub async fn warn<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) -> bool {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.to_owned(),
+            note: Some(truncate(note, NOTE_MAX)),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        match self.recorder.publish(&event, &reference(object)).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(%reason, "publishing an Event: {e}");
+                false
+            }
+        }
+    }
+}
+
 /// A reference without `resourceVersion` or `fieldPath`: the recorder
 /// folds repeats of one Event into a series by reference, and the version
 /// changes with every status write.
