@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use k8s_common::{
     create_namespace, install_crds, install_rbac_exactly, kubectl_table, meta, row, start,
-    NODE_AGENT_RULES,
+    FakeNode, NODE_AGENT_RULES,
 };
 use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimSpec, TypedLocalObjectReference,
@@ -37,17 +37,14 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use kubetest::ApiServer;
-use liveclone::domain::engine::{dm_name, CapacityRange, CreateVolume, Engine, EngineConfig};
-use liveclone::domain::file_pool::FilePool;
+use liveclone::domain::engine::{dm_name, CapacityRange, CreateVolume};
 use liveclone::domain::hydration::HydrationPhase;
 use liveclone::domain::ids::VolumeId;
 use liveclone::domain::model::{
-    AccessKind, ContentSource, HydrationRecord, HydrationStage, SnapshotRecord, VolumeRecord,
+    AccessKind, ContentSource, HydrationRecord, HydrationStage, VolumeRecord,
 };
 use liveclone::domain::monitor::{self, MonitorConfig};
-use liveclone::domain::paths::AllowedRoots;
 use liveclone::domain::pool::Storage;
-use liveclone::domain::store::JsonDirStore;
 use liveclone::k8s::hydration::condition;
 use liveclone::k8s::node::{HydrationAgent, HydrationAgentConfig, REPORTING_CONTROLLER};
 use liveclone::k8s::{
@@ -55,7 +52,6 @@ use liveclone::k8s::{
     VolumeHydrationSpec, VolumeHydrationStatus, NODE_LABEL,
 };
 use liveclone::os::dm::DmName;
-use liveclone::os::fake::FakeOs;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -74,51 +70,7 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// Watch delivery jitter allowed when checking the interval between writes.
 const SLACK: Duration = Duration::from_millis(250);
 
-/// One node: the engine over the simulator, with its pool and state in a
-/// temporary folder.
-struct FakeNode {
-    fake: FakeOs,
-    engine: Arc<Engine>,
-    pool: Arc<FilePool>,
-    _dir: tempfile::TempDir,
-}
-
 impl FakeNode {
-    fn new(node: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let root = dir.path().canonicalize().expect("resolvable tempdir");
-        let (pool_dir, state, work, kubelet) = (
-            root.join("pool"),
-            root.join("state"),
-            root.join("work"),
-            root.join("kubelet"),
-        );
-        for folder in [&pool_dir, &state, &work, &kubelet] {
-            std::fs::create_dir_all(folder).expect("test folders");
-        }
-        let fake = FakeOs::new();
-        let os = fake.os();
-        let pool = Arc::new(FilePool::open(&pool_dir, os.clone()).expect("pool"));
-        let engine = Arc::new(Engine::new(
-            os,
-            pool.clone(),
-            Arc::new(JsonDirStore::<VolumeRecord>::open(&state).expect("volume store")),
-            Arc::new(JsonDirStore::<SnapshotRecord>::open(&state).expect("snapshot store")),
-            EngineConfig {
-                node_id: node.to_owned(),
-                work_dir: work,
-                allowed_roots: AllowedRoots::new([kubelet]),
-                max_volumes: 16,
-            },
-        ));
-        FakeNode {
-            fake,
-            engine,
-            pool,
-            _dir: dir,
-        }
-    }
-
     /// A block volume full of data (no holes: a clone of it has every
     /// region to copy), and a clone of it with 64 KiB regions.
     fn source_and_clone(&self) -> (VolumeRecord, VolumeRecord) {

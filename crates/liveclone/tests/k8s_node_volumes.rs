@@ -22,23 +22,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_common::{
-    create_namespace, install_crds, install_rbac_exactly, kubectl_table, start, NODE_AGENT_RULES,
+    create_namespace, install_crds, install_rbac_exactly, kubectl_table, start, FakeNode,
+    NODE_AGENT_RULES,
 };
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
-use liveclone::domain::engine::{dm_name, Engine, EngineConfig};
+use liveclone::domain::engine::dm_name;
 use liveclone::domain::error::ErrorCode;
-use liveclone::domain::file_pool::FilePool;
 use liveclone::domain::ids::{SnapshotId, VolumeId};
-use liveclone::domain::model::{
-    AccessKind, SnapshotRecord, SnapshotState, VolumeRecord, VolumeState,
-};
+use liveclone::domain::model::{AccessKind, SnapshotState, VolumeState};
 use liveclone::domain::monitor::{self, MonitorConfig};
-use liveclone::domain::paths::AllowedRoots;
 use liveclone::domain::pool::{Pool, Storage};
-use liveclone::domain::store::JsonDirStore;
 use liveclone::k8s::node::{
     NodeAgent, NodeAgentConfig, ABNORMAL_CONDITION, PROVISIONING_FAILED, REPORTING_CONTROLLER,
 };
@@ -48,7 +44,6 @@ use liveclone::k8s::{
     LivecloneVolumeSpec, VolumeAccess, VolumeContentSource, VolumePhase, CONTROLLER_FIELD_MANAGER,
     NODE_LABEL, READY_CONDITION, STORAGE_FINALIZER,
 };
-use liveclone::os::fake::FakeOs;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -62,59 +57,7 @@ const AGENT_ACCOUNT: &str = "liveclone-node";
 const PATTERN_OFFSET: u64 = 5 * MIB + 123;
 const PATTERN: &[u8] = b"the source's bytes, as they were when it was cloned";
 
-/// One node: the engine over the simulator, with its pool and state in a
-/// temporary folder.
-struct FakeNode {
-    fake: FakeOs,
-    engine: Arc<Engine>,
-    pool: Arc<FilePool>,
-    _dir: tempfile::TempDir,
-}
-
 impl FakeNode {
-    fn new(node: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let root = dir.path().canonicalize().expect("resolvable tempdir");
-        let (pool_dir, state, work, kubelet) = (
-            root.join("pool"),
-            root.join("state"),
-            root.join("work"),
-            root.join("kubelet"),
-        );
-        for folder in [&pool_dir, &state, &work, &kubelet] {
-            std::fs::create_dir_all(folder).expect("test folders");
-        }
-        let fake = FakeOs::new();
-        let os = fake.os();
-        let pool = Arc::new(FilePool::open(&pool_dir, os.clone()).expect("pool"));
-        let engine = Arc::new(Engine::new(
-            os,
-            pool.clone(),
-            Arc::new(JsonDirStore::<VolumeRecord>::open(&state).expect("volume store")),
-            Arc::new(JsonDirStore::<SnapshotRecord>::open(&state).expect("snapshot store")),
-            EngineConfig {
-                node_id: node.to_owned(),
-                work_dir: work,
-                allowed_roots: AllowedRoots::new([kubelet]),
-                max_volumes: 16,
-            },
-        ));
-        FakeNode {
-            fake,
-            engine,
-            pool,
-            _dir: dir,
-        }
-    }
-
-    fn volume(&self, id: &VolumeId) -> Option<VolumeRecord> {
-        self.engine.volume(id).expect("reading a volume record")
-    }
-
-    fn snapshot(&self, id: &SnapshotId) -> Option<SnapshotRecord> {
-        self.engine.snapshot(id).expect("reading a snapshot record")
-    }
-
     fn holds_pattern(&self, item: &Storage) -> bool {
         let mut found = vec![0; PATTERN.len()];
         std::fs::File::open(self.pool.path_of(item))

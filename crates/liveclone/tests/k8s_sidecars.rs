@@ -45,7 +45,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_common::{create_namespace, install_crds, kubectl_table, meta, repo_root, start};
+use k8s_common::{create_namespace, install_crds, kubectl_table, meta, repo_root, start, FakeNode};
 use k8s_openapi::api::core::v1::{
     Node, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     TypedLocalObjectReference, VolumeResourceRequirements,
@@ -58,22 +58,18 @@ use kube::api::{
 };
 use kube::{Client, ResourceExt};
 use kubetest::{ApiServer, Daemon, Tool};
-use liveclone::domain::engine::{dm_name, Engine, EngineConfig};
-use liveclone::domain::file_pool::FilePool;
+use liveclone::domain::engine::dm_name;
 use liveclone::domain::hydration::HydrationPhase;
 use liveclone::domain::ids::{SnapshotId, VolumeId};
-use liveclone::domain::model::{SnapshotRecord, VolumeRecord};
+use liveclone::domain::model::VolumeRecord;
 use liveclone::domain::monitor::{self, MonitorConfig};
-use liveclone::domain::paths::AllowedRoots;
 use liveclone::domain::pool::Storage;
-use liveclone::domain::store::JsonDirStore;
 use liveclone::grpc::identity::{AlwaysReady, IdentityService, PLUGIN_NAME};
 use liveclone::grpc::server::BoundSocket;
 use liveclone::grpc::TOPOLOGY_NODE_KEY;
 use liveclone::k8s::{
     LivecloneSnapshot, LivecloneVolume, SourceKind, VolumeHydration, VolumePhase,
 };
-use liveclone::os::fake::FakeOs;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -196,53 +192,16 @@ where
 
 /// The node: a real engine over the OS simulator, its pool and state in a
 /// temporary folder.
-struct FakeNode {
-    fake: FakeOs,
-    engine: Arc<Engine>,
-    pool: Arc<FilePool>,
-    _dir: tempfile::TempDir,
-}
-
 impl FakeNode {
-    fn new(node: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let root = dir.path().canonicalize().expect("resolvable tempdir");
-        let folders = ["pool", "state", "work", "kubelet"].map(|name| root.join(name));
-        for folder in &folders {
-            std::fs::create_dir_all(folder).expect("the node's folders");
-        }
-        let [pool_dir, state, work, kubelet] = folders;
-        let fake = FakeOs::new();
-        let os = fake.os();
-        let pool = Arc::new(FilePool::open(&pool_dir, os.clone()).expect("pool"));
-        let engine = Arc::new(Engine::new(
-            os,
-            pool.clone(),
-            Arc::new(JsonDirStore::<VolumeRecord>::open(&state).expect("volume store")),
-            Arc::new(JsonDirStore::<SnapshotRecord>::open(&state).expect("snapshot store")),
-            EngineConfig {
-                node_id: node.to_owned(),
-                work_dir: work,
-                allowed_roots: AllowedRoots::new([kubelet]),
-                max_volumes: 16,
-            },
-        ));
-        FakeNode {
-            fake,
-            engine,
-            pool,
-            _dir: dir,
-        }
-    }
-
-    fn volume(&self, handle: &str) -> Option<VolumeRecord> {
-        let id = VolumeId::from_str(handle).expect("a liveclone volume ID");
-        self.engine.volume(&id).expect("reading the volume record")
+    fn volume_of(&self, handle: &str) -> Option<VolumeRecord> {
+        self.volume(&VolumeId::from_str(handle).expect("a liveclone volume ID"))
     }
 
     /// The file that holds the volume's data now.
     fn data_file(&self, handle: &str) -> PathBuf {
-        let record = self.volume(handle).expect("the volume exists on the node");
+        let record = self
+            .volume_of(handle)
+            .expect("the volume exists on the node");
         self.pool.path_of(&Storage::Data {
             volume: record.id.clone(),
             generation: record.generation,
@@ -721,7 +680,7 @@ async fn the_sidecars_drive_the_agents() {
     let source_handle = volume_handle(&source_pv);
     check_volume(&admin, &source_handle, "source").await;
     let record = node
-        .volume(&source_handle)
+        .volume_of(&source_handle)
         .expect("the node's engine has the source");
     assert!(record.hydration.is_none(), "the source is no clone");
     let data = node.data_file(&source_handle);
@@ -762,7 +721,7 @@ async fn the_sidecars_drive_the_agents() {
         clone_pv.name_any()
     );
     assert!(
-        node.volume(&clone_handle)
+        node.volume_of(&clone_handle)
             .expect("the node's engine has the clone")
             .hydration
             .is_some(),
@@ -927,7 +886,7 @@ async fn the_sidecars_drive_the_agents() {
         let id = VolumeId::from_str(handle).expect("a volume ID");
         let dm = dm_name(&id);
         let total = node
-            .volume(handle)
+            .volume_of(handle)
             .and_then(|v| v.hydration)
             .map(|h| h.source_bytes.div_ceil(h.region_sectors * 512))
             .expect("a hydrating clone");
@@ -985,7 +944,7 @@ async fn the_sidecars_drive_the_agents() {
     }
     for handle in [&clone_handle, &restored_handle] {
         assert!(
-            node.volume(handle)
+            node.volume_of(handle)
                 .expect("the copy exists")
                 .hydration
                 .is_none(),
@@ -1035,7 +994,7 @@ async fn the_sidecars_drive_the_agents() {
     )
     .await;
     assert!(
-        node.volume(&clone_handle).is_none(),
+        node.volume_of(&clone_handle).is_none(),
         "the node's engine no longer has the clone"
     );
     // After DeleteVolume the provisioner removes its finalizer and deletes

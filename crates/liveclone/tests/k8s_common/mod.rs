@@ -6,6 +6,10 @@
 // Each test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
+mod fake_node;
+#[allow(unused_imports)] // not every test binary runs agents
+pub use fake_node::FakeNode;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
