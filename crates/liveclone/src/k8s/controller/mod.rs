@@ -530,11 +530,11 @@ impl Provisioner for KubeProvisioner {
             }
             if let Some(failure) = node_failure(&status.conditions) {
                 if !failure.code.is_transient() {
-                    return Err(failure);
+                    return Ok(wait::Poll::Done(Err(failure)));
                 }
             }
             match volume_info(&object) {
-                Some(info) => Ok(wait::Poll::Done(info)),
+                Some(info) => Ok(wait::Poll::Done(Ok(info))),
                 None => Ok(wait::Poll::Waiting(
                     status
                         .message
@@ -543,8 +543,27 @@ impl Provisioner for KubeProvisioner {
                 )),
             }
         })
-        .await;
-        ready.map_err(|e| e.context(format!("volume {id} on node {node}")))
+        .await
+        .map_err(|e| e.context(format!("volume {id} on node {node}")))?;
+        match ready {
+            Ok(info) => Ok(info),
+            Err(failure) => {
+                // The CO does not call DeleteVolume for a volume it was
+                // refused, so the object goes now (the node made nothing,
+                // and releases the finalizer); a later CreateVolume of the
+                // same name starts afresh instead of meeting this spec.
+                if let Err(e) = self
+                    .volumes()
+                    .delete(id.as_str(), &DeleteParams::default())
+                    .await
+                {
+                    if !is_not_found(&e) {
+                        warn!(volume = %id, "removing the refused volume's object: {e}");
+                    }
+                }
+                Err(failure.context(format!("volume {id} on node {node}")))
+            }
+        }
     }
 
     async fn delete_volume(&self, id: &VolumeId) -> DomainResult<()> {
