@@ -55,7 +55,7 @@ test-k8s: deps k8s-tools
 $(VMTEST): FORCE deps
 	$(CARGO) build -p vmtest
 
-test-vm: $(VMTEST) tools
+test-vm: $(VMTEST) tools k8s-tools
 ifneq ($(LIVECLONE_TEST_ON_HOST),1)
 	bash tests/vm/prepare.sh
 endif

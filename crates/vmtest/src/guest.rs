@@ -45,6 +45,17 @@ fn agent() -> Result<()> {
         .context("reading the run spec")?;
 
     mount_tmpfs("/dev/shm")?;
+    // As PID 1 nothing else brings the loopback interface up, and tests
+    // that serve on 127.0.0.1 (etcd, kube-apiserver) would wait for their
+    // time limit instead of failing.
+    let status = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .env("PATH", GUEST_PATH)
+        .status()
+        .context("running ip link set lo up")?;
+    if !status.success() {
+        bail!("ip link set lo up failed ({status})");
+    }
     link_modules(&spec)?;
 
     let kernel_release = nix::sys::utsname::uname()?
