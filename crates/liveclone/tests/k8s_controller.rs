@@ -17,7 +17,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_common::{create_namespace, install_crds, repo_root, start, FakeNode};
+use k8s_common::{
+    create_namespace, install_crds, install_rbac_exactly, start, FakeNode, NODE_AGENT_RULES,
+};
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use kubetest::ApiServer;
@@ -82,13 +84,6 @@ fn clone_of(name: &str, source: &str, bytes: i64, node: &str) -> CreateVolumeReq
     }
 }
 
-fn apply(server: &ApiServer, file: &str) {
-    let path = repo_root().join(file);
-    server
-        .kubectl_output(["apply".as_ref(), "-f".as_ref(), path.as_os_str()])
-        .unwrap_or_else(|e| panic!("kubectl apply -f {file}: {e:#}"));
-}
-
 /// An account's client once RBAC lets it list LivecloneVolumes (rules reach
 /// the authorizer through an informer, a moment after they are applied).
 async fn account(server: &ApiServer, name: &str) -> Client {
@@ -129,8 +124,39 @@ async fn the_controller_agent_waits_for_nodes_and_maps_their_answers() {
     install_crds(&server);
     let admin = server.client().expect("admin client");
     create_namespace(&admin, RELEASE_NS).await;
-    apply(&server, "deploy/rbac/controller.yaml");
-    apply(&server, "deploy/rbac/node.yaml");
+    // Exactly what the agents use: a missing rule fails the calls below,
+    // an extra one fails here.
+    install_rbac_exactly(
+        &server,
+        &admin,
+        "deploy/rbac/controller.yaml",
+        "liveclone-controller",
+        &[
+            ("liveclone.io", "liveclonevolumes", "get"),
+            ("liveclone.io", "liveclonevolumes", "list"),
+            ("liveclone.io", "liveclonevolumes", "create"),
+            ("liveclone.io", "liveclonevolumes", "patch"),
+            ("liveclone.io", "liveclonevolumes", "delete"),
+            ("liveclone.io", "liveclonesnapshots", "get"),
+            ("liveclone.io", "liveclonesnapshots", "list"),
+            ("liveclone.io", "liveclonesnapshots", "create"),
+            ("liveclone.io", "liveclonesnapshots", "patch"),
+            ("liveclone.io", "liveclonesnapshots", "delete"),
+            ("liveclone.io", "volumehydrations", "get"),
+            ("liveclone.io", "volumehydrations", "create"),
+            ("liveclone.io", "volumehydrations", "patch"),
+            ("liveclone.io", "volumehydrations", "delete"),
+        ],
+    )
+    .await;
+    install_rbac_exactly(
+        &server,
+        &admin,
+        "deploy/rbac/node.yaml",
+        "liveclone-node",
+        NODE_AGENT_RULES,
+    )
+    .await;
     let as_controller = account(&server, "liveclone-controller").await;
     let as_node = account(&server, "liveclone-node").await;
     let controller = controller_service(
