@@ -188,7 +188,7 @@ sync # so that the clone's timing below is not the write-back of these files
 say "$(du -sh "$MNT/source" | cut -f1) of files written and their sums kept; the source stays mounted"
 
 step "clone it: CreateVolume from the volume, then stage and publish the clone at once"
-say "(liveclone.io/hydrationThreshold=1 and hydrationBatchSize=1: one 4 KiB region"
+say "(liveclone.io/hydrationThreshold=1 and hydrationBatchSize=1: one 64 KiB region"
 say " at a time, the kernel's pace, slow enough to watch; tuned up below)"
 start=$EPOCHREALTIME
 CLONE=$(csi create-volume demo-clone --size 1GiB --from-volume "$SRC" \

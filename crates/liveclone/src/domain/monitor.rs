@@ -7,6 +7,12 @@
 //! watches for. When a clone is complete the monitor asks the engine to
 //! switch it to a linear table; if the engine is busy with another call for
 //! that volume, it tries again on the next round.
+//!
+//! Each round first starts the copies that wait for it: a new file-system
+//! clone is ready before its trim (which walks the whole file system, so
+//! CreateVolume leaves it out), and a redirect cut leaves its volume
+//! reading from the image; the monitor trims them and enables hydration
+//! ([`Engine::start_hydration`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -60,8 +66,9 @@ pub async fn run(engine: Arc<Engine>, config: MonitorConfig, mut shutdown: watch
     let origin = Instant::now();
     let events = Arc::new(Notify::new());
     let mut followed: BTreeMap<VolumeId, Followed> = BTreeMap::new();
+    let mut awaiting_since: BTreeMap<VolumeId, Instant> = BTreeMap::new();
     loop {
-        start_redirected_hydrations(&engine).await;
+        start_hydrations(&engine, &config, &mut awaiting_since).await;
         let hydrating = {
             let engine = Arc::clone(&engine);
             match tokio::task::spawn_blocking(move || engine.hydrating_volumes()).await {
@@ -95,7 +102,13 @@ pub async fn run(engine: Arc<Engine>, config: MonitorConfig, mut shutdown: watch
         tokio::select! {
             _ = tokio::time::sleep(config.poll_interval) => {}
             _ = events.notified() => debug!("monitor: device-mapper event"),
-            _ = shutdown.changed() => {}
+            changed = shutdown.changed() => {
+                // A dropped sender can never say "stop" again: stop now
+                // rather than go round without a pause.
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
         if *shutdown.borrow() {
             return;
@@ -103,32 +116,50 @@ pub async fn run(engine: Arc<Engine>, config: MonitorConfig, mut shutdown: watch
     }
 }
 
-/// Trims and starts the copy-back of volumes that a redirect cut left
-/// reading from their image; a volume held by a CO call waits for the next
-/// round.
-async fn start_redirected_hydrations(engine: &Arc<Engine>) {
+/// Trims and starts the copy of volumes that wait for it: new file-system
+/// clones and volumes a redirect cut left reading from their image. A
+/// volume held by a CO call waits for the next round.
+///
+/// A volume is started only once it has waited one poll interval since
+/// this loop first saw it: a NodeStage usually follows CreateVolume within
+/// moments, and a private trim mount taken in between would hold that
+/// stage up for the whole trim (the very wait CreateVolume no longer has),
+/// while a round later the trim goes through the pod's mount. Without a
+/// pod the copy starts a round or two after the clone was created.
+async fn start_hydrations(
+    engine: &Arc<Engine>,
+    config: &MonitorConfig,
+    awaiting_since: &mut BTreeMap<VolumeId, Instant>,
+) {
     let waiting = {
         let engine = Arc::clone(engine);
-        blocking(move || engine.redirected_awaiting_hydration()).await
+        blocking(move || engine.awaiting_hydration_start()).await
     };
     let waiting = match waiting {
         Ok(list) => list,
         Err(e) => {
-            warn!("monitor: listing redirected volumes: {e}");
+            warn!("monitor: listing volumes that await their copy: {e}");
             return;
         }
     };
+    let now = Instant::now();
+    awaiting_since.retain(|id, _| waiting.contains(id));
     for id in waiting {
+        let since = *awaiting_since.entry(id.clone()).or_insert(now);
+        if now.duration_since(since) < config.poll_interval {
+            debug!(volume = %id, "hydration start left to the next round");
+            continue;
+        }
         let started = {
             let (engine, id) = (Arc::clone(engine), id.clone());
-            blocking(move || engine.start_redirected_hydration(&id)).await
+            blocking(move || engine.start_hydration(&id)).await
         };
         match started {
             Ok(()) => {}
             Err(e) if e.code == ErrorCode::Aborted => {
-                debug!(volume = %id, "redirected hydration postponed: {e}")
+                debug!(volume = %id, "hydration start postponed: {e}")
             }
-            Err(e) => warn!(volume = %id, "starting the hydration of a redirected volume: {e}"),
+            Err(e) => warn!(volume = %id, "starting hydration: {e}"),
         }
     }
 }
@@ -258,7 +289,12 @@ fn spawn_event_waiter(
             };
             match waited {
                 Ok(Ok(Some(_))) => events.notify_one(),
-                Ok(Ok(None)) => {}
+                // A wait that timed out already took `event_wait`; a device
+                // that is not there (yet, or any more) returns at once, and
+                // must not be asked about again without a pause.
+                Ok(Ok(None)) => {
+                    tokio::time::sleep(config.poll_interval.min(config.event_wait)).await
+                }
                 Ok(Err(e)) => {
                     debug!(volume = %id, "waiting for device-mapper events: {e}");
                     tokio::time::sleep(config.poll_interval).await;
@@ -267,4 +303,25 @@ fn spawn_event_waiter(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stops_when_nobody_can_tell_it_to_stop_any_more() {
+        let node = crate::grpc::testkit::Node::new();
+        let (stop, stopped) = watch::channel(false);
+        let monitor = tokio::spawn(run(
+            Arc::clone(&node.engine),
+            MonitorConfig::default(),
+            stopped,
+        ));
+        drop(stop);
+        tokio::time::timeout(Duration::from_secs(5), monitor)
+            .await
+            .expect("the monitor returns instead of going round without a pause")
+            .expect("the monitor does not panic");
+    }
 }

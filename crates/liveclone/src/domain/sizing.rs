@@ -16,34 +16,52 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
 /// Most regions the automatic policy gives a clone: 2^18, as many as a
-/// 1 GiB volume has at 4 KiB.
+/// 16 GiB volume has at [`AUTO_REGION_FLOOR_BYTES`] (64 KiB).
 ///
 /// Everything dm-clone does per region costs the same for every clone
-/// under this cap, whatever its size: the trim before hydration marks each
-/// free region in the in-core bitmaps and again in the on-disk bitset at
-/// the next commit (one bit at a time: with 2^24 regions, the old cap, a
-/// 64 GiB clone's trim took 8 s in the test VM against 0.5 s for 1 GiB),
-/// and kernel memory is three in-core bitmaps of one bit per region (the
-/// hydrated-region map and two dirty maps in `dm-clone-metadata.c`) plus
-/// the on-disk bitset's blocks cached by dm-bufio: 3 to 4 bits per region,
-/// so at most 96 to 128 KiB per clone, for any volume size.
+/// under this cap, whatever its size: discards before hydration (the
+/// source's holes, the trim) mark each region in the in-core bitmaps and
+/// again in the on-disk bitset at the next commit (one bit at a time: with
+/// 2^24 regions, an earlier cap, a 64 GiB clone's trim took 8 s in the test
+/// VM against 0.5 s for 1 GiB), and kernel memory is three in-core bitmaps
+/// of one bit per region (the hydrated-region map and two dirty maps in
+/// `dm-clone-metadata.c`) plus the on-disk bitset's blocks cached by
+/// dm-bufio: 3 to 4 bits per region, so at most 96 to 128 KiB per clone,
+/// for any volume size.
 ///
 /// The price is region size, since a write smaller than a region to an
-/// unhydrated region first copies the whole region: 4 KiB regions up to
-/// 1 GiB, 256 KiB at 64 GiB, 4 MiB at 1 TiB, 64 MiB at 16 TiB. That cost
+/// unhydrated region first copies the whole region: 64 KiB regions up to
+/// 16 GiB, 256 KiB at 64 GiB, 4 MiB at 1 TiB, 64 MiB at 16 TiB. That cost
 /// lasts only until the region is hydrated, and a StorageClass can choose
 /// smaller regions (`liveclone.io/regionSize`) for large volumes with
 /// random small writes, trading kernel memory and setup time for it.
 pub const AUTO_REGION_COUNT_CAP: u64 = 1 << 18;
 
-/// The region size for a clone of `source_len` sectors: the smallest one
-/// (from 4 KiB) that keeps the region count at or below
-/// [`AUTO_REGION_COUNT_CAP`], counting a partial last region.
+/// The smallest region the automatic policy gives: 64 KiB.
+///
+/// Background hydration is bound by per-region and per-copy work (dm-clone
+/// walks its bitmap, batches and tracks regions one by one; kcopyd splits
+/// every copy into sub-jobs), so tiny regions slow it down: with 64 KiB
+/// and 4 KiB regions hydrating the same 1 GiB alternately in one run
+/// (docs/BENCHMARKS.md, figure 2, runs Q to T), 64 KiB was 14% to 123%
+/// faster in each of eight neighbouring pairs. Larger regions also mean less
+/// kernel memory (about 6 KiB per GiB of clone, against 96 KiB at 4 KiB).
+/// Discards only mark whole regions, so the hole skipping and the trim
+/// could skip slightly less; for ext4, which allocates in extents, the
+/// copied bytes did not change (figure 3: 9.9% of the volume at either
+/// size). A write smaller than a region to a region not yet hydrated
+/// copies the 64 KiB first, once.
+pub const AUTO_REGION_FLOOR_BYTES: u64 = 64 * KIB;
+
+/// The region size for a clone of `source_len` sectors: the smallest power
+/// of two from [`AUTO_REGION_FLOOR_BYTES`] that keeps the region count at
+/// or below [`AUTO_REGION_COUNT_CAP`], counting a partial last region; i.e.
+/// max(64 KiB, source / 2^18) rounded up to a power of two.
 pub fn auto_region_size(source_len: Sectors) -> Result<RegionSize, SizingError> {
     if source_len == Sectors::ZERO {
         return Err(SizingError::EmptySource);
     }
-    smallest_region_with_at_most(source_len, AUTO_REGION_COUNT_CAP)
+    smallest_region_with_at_most(source_len, AUTO_REGION_COUNT_CAP, AUTO_REGION_FLOOR_BYTES)
         .ok_or(SizingError::SourceTooLargeForAutoRegion { source_len })
 }
 
@@ -66,7 +84,7 @@ pub fn choose_region_size(
         return Ok(region_size);
     }
     Err(
-        match smallest_region_with_at_most(source_len, MAX_REGIONS) {
+        match smallest_region_with_at_most(source_len, MAX_REGIONS, 0) {
             Some(smallest_fitting) => SizingError::TooManyRegions {
                 region_size,
                 source_len,
@@ -78,9 +96,16 @@ pub fn choose_region_size(
     )
 }
 
-fn smallest_region_with_at_most(source_len: Sectors, max_regions: u64) -> Option<RegionSize> {
-    std::iter::successors(Some(RegionSize::MIN), |region| region.doubled())
-        .find(|region| region.regions_in(source_len) <= max_regions)
+/// The smallest region size of at least `floor_bytes` that gives at most
+/// `max_regions` regions.
+fn smallest_region_with_at_most(
+    source_len: Sectors,
+    max_regions: u64,
+    floor_bytes: u64,
+) -> Option<RegionSize> {
+    std::iter::successors(Some(RegionSize::MIN), |region| region.doubled()).find(|region| {
+        region.bytes() >= floor_bytes && region.regions_in(source_len) <= max_regions
+    })
 }
 
 /// The fixed part of the metadata floor: superblock, space maps and btree
@@ -480,10 +505,14 @@ mod tests {
     #[test]
     fn auto_region_size_examples() {
         let cases = [
-            (MIB, 4 * KIB),
-            (GIB, 4 * KIB),
-            (GIB + 512, 8 * KIB),
-            (2 * GIB, 8 * KIB),
+            // A volume smaller than a region: one partial region.
+            (512, 64 * KIB),
+            (MIB, 64 * KIB),
+            (GIB, 64 * KIB),
+            // 16 GiB at 64 KiB is exactly the cap; one sector more doubles.
+            (16 * GIB, 64 * KIB),
+            (16 * GIB + 512, 128 * KIB),
+            (32 * GIB, 128 * KIB),
             (64 * GIB, 256 * KIB),
             (TIB, 4 * MIB),
             (16 * TIB, 64 * MIB),
@@ -497,6 +526,12 @@ mod tests {
         let tib_regions = region_bytes(4 * MIB).regions_in(bytes(TIB));
         assert_eq!(tib_regions, AUTO_REGION_COUNT_CAP);
         assert_eq!(tib_regions * 3 / 8, 96 * KIB);
+        // The floor bounds memory per byte of small clones too: a 1 GiB
+        // clone has 16384 regions (6 KiB at 3 bits each), so a TiB of
+        // such clones holds 6 MiB of bitmaps, not 96 MiB as at 4 KiB.
+        let gib_regions = region_bytes(64 * KIB).regions_in(bytes(GIB));
+        assert_eq!(gib_regions, 1 << 14);
+        assert_eq!(gib_regions * 3 / 8 * 1024, 6 * MIB);
         assert_eq!(
             auto_region_size(Sectors::ZERO),
             Err(SizingError::EmptySource)
@@ -777,6 +812,19 @@ mod tests {
                 },
             }
         );
+        // The defaults for a 1 GiB clone: the 64 KiB floor.
+        assert_eq!(
+            CloneParameters::default().plan(bytes(GIB)),
+            Ok(ClonePlan {
+                region_size: region_bytes(64 * KIB),
+                region_count: 1 << 14,
+                metadata_bytes: 3 * MIB,
+                tunables: HydrationTunables {
+                    threshold: 256,
+                    batch_size: 64
+                },
+            })
+        );
         let custom = CloneParameters {
             region_size: Some(region_bytes(4 * KIB)),
             hydration_threshold: Some(65536),
@@ -803,10 +851,18 @@ mod tests {
             let source_len = Sectors(len);
             let region = auto_region_size(source_len).expect("below 256 TiB");
             prop_assert!(region.regions_in(source_len) <= AUTO_REGION_COUNT_CAP);
-            if region != RegionSize::MIN {
+            prop_assert!(region.bytes() >= AUTO_REGION_FLOOR_BYTES);
+            prop_assert!(region.bytes().is_power_of_two());
+            if region.bytes() > AUTO_REGION_FLOOR_BYTES {
                 let half = RegionSize::new(region.sectors().0 / 2).expect("valid");
                 prop_assert!(half.regions_in(source_len) > AUTO_REGION_COUNT_CAP);
             }
+            // max(64 KiB, size / 2^18), rounded up to a power of two.
+            let per_cap = (len * SECTOR_BYTES).div_ceil(AUTO_REGION_COUNT_CAP);
+            prop_assert_eq!(
+                region.bytes(),
+                per_cap.next_power_of_two().max(AUTO_REGION_FLOOR_BYTES)
+            );
         }
 
         /// Volumes from 1 MiB to 64 TiB, whole MiB: at least twice the

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::engine::{Engine, VolumeView};
 use crate::domain::ids::VolumeId;
-use crate::domain::model::{AccessKind, ContentSource};
+use crate::domain::model::{AccessKind, ContentSource, HydrationStage};
 use crate::grpc::errors::run_blocking;
 use crate::proto::admin::v1alpha1 as admin;
 use crate::proto::admin::v1alpha1::admin_server::{Admin, AdminServer};
@@ -63,7 +63,17 @@ pub fn volume_status(view: &VolumeView) -> admin::VolumeStatus {
             message: progress
                 .as_ref()
                 .map(|p| p.message.clone())
-                .unwrap_or_else(|| "waiting for the first status reading".to_owned()),
+                .unwrap_or_else(|| {
+                    if h.stage < HydrationStage::Enabled {
+                        // File-system clones are trimmed by the monitor
+                        // before their copy is enabled.
+                        "the copy starts once the clone's free space is trimmed; the volume \
+                         is usable meanwhile"
+                            .to_owned()
+                    } else {
+                        "waiting for the first status reading".to_owned()
+                    }
+                }),
             source_image: h.source.to_string(),
             started_at: h.started_at,
             completed_at: 0,

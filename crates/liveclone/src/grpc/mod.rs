@@ -9,7 +9,7 @@ pub mod identity;
 pub mod node;
 pub mod server;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 
 /// The topology key of liveclone volumes. A volume lives in one node's pool
 /// and is reachable from that node only, so NodeGetInfo reports

@@ -69,8 +69,10 @@ pub const DEBUG_LOG: &str = "debug,h2=info,hyper=info,hyper_util=info,tower=info
 /// long run's failure.
 pub const INFO_LOG: &str = "info";
 /// StorageClass parameters that make hydration slow enough to act during
-/// it (one 4 KiB region at a time), and tunables that finish it fast.
-pub const SLOW: [(&str, &str); 2] = [
+/// it (one 4 KiB region at a time: the region size is given, since the
+/// automatic one is at least 64 KiB), and tunables that finish it fast.
+pub const SLOW: [(&str, &str); 3] = [
+    ("liveclone.io/regionSize", "4KiB"),
     ("liveclone.io/hydrationThreshold", "1"),
     ("liveclone.io/hydrationBatchSize", "1"),
 ];
@@ -1160,6 +1162,24 @@ impl Csi {
         done: impl Fn(&admin::Hydration) -> bool,
     ) -> admin::Hydration {
         self.try_wait_hydration(id, limit, done)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Waits until the monitor has started the clone's copy: a new
+    /// file-system clone is `Pending` (hydration off) until the monitor has
+    /// trimmed it and enabled hydration, a round or two after CreateVolume.
+    pub async fn try_wait_started(
+        &mut self,
+        id: &str,
+        limit: Duration,
+    ) -> anyhow::Result<admin::Hydration> {
+        self.try_wait_hydration(id, limit, |h| h.phase != "Pending")
+            .await
+    }
+
+    pub async fn wait_started(&mut self, id: &str, limit: Duration) -> admin::Hydration {
+        self.try_wait_started(id, limit)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"))
     }

@@ -1,5 +1,7 @@
-//! Hydration control (pause, resume, tune), samples for the monitor, and
-//! the switch to a linear table when a clone is complete.
+//! Hydration's start (the trim and the enable that new file-system clones
+//! and redirected volumes wait for), its control (pause, resume, tune),
+//! samples for the monitor, and the switch to a linear table when a clone
+//! is complete.
 
 use tracing::{info, info_span, warn};
 
@@ -7,7 +9,9 @@ use super::assembly::DeviceOutcome;
 use super::{dm_name, Engine};
 use crate::domain::error::{DomainError, DomainResult};
 use crate::domain::ids::VolumeId;
-use crate::domain::model::{unix_now, CompletedHydration, VolumeRecord};
+use crate::domain::model::{
+    unix_now, CompletedHydration, HydrationStage, SnapshotState, VolumeRecord, VolumeState,
+};
 use crate::domain::pool::Storage;
 use crate::domain::sizing::HydrationTunables;
 use crate::os::dm::{CloneMessage, CloneStatus, CloneStatusLine, SuspendFlush};
@@ -28,13 +32,131 @@ impl Engine {
             .volumes
             .list()?
             .into_iter()
-            .filter(|v| v.state == crate::domain::model::VolumeState::Ready)
+            .filter(|v| v.state == VolumeState::Ready)
             .filter_map(|v| v.hydration.map(|h| (v.id, h)))
             // Before `Enabled` the table may not be a clone yet (a cut in
             // progress): not the monitor's business.
-            .filter(|(_, h)| h.stage == crate::domain::model::HydrationStage::Enabled)
+            .filter(|(_, h)| h.stage == HydrationStage::Enabled)
             .map(|(id, h)| (id, h.paused))
             .collect())
+    }
+
+    /// Volumes whose copy waits for the monitor to start it (see
+    /// [`Engine::start_hydration`]).
+    pub fn awaiting_hydration_start(&self) -> DomainResult<Vec<VolumeId>> {
+        let mut waiting = Vec::new();
+        for volume in self.volumes.list()? {
+            if self.awaits_hydration_start(&volume)? {
+                waiting.push(volume.id);
+            }
+        }
+        Ok(waiting)
+    }
+
+    /// Whether the volume is ready, its copy not yet enabled, and its image
+    /// cut: a new file-system clone (CreateVolume left its trim to the
+    /// monitor) or a volume a redirect cut left reading from its image.
+    fn awaits_hydration_start(&self, volume: &VolumeRecord) -> DomainResult<bool> {
+        let Some(hydration) = &volume.hydration else {
+            return Ok(false);
+        };
+        if volume.state != VolumeState::Ready || hydration.stage >= HydrationStage::Enabled {
+            return Ok(false);
+        }
+        // A cut that failed or is still running leaves its volume in the
+        // same stage before the swap; only a finished cut has its image.
+        Ok(self
+            .snapshots
+            .get(&hydration.source)?
+            .is_some_and(|s| s.state == SnapshotState::Ready))
+    }
+
+    /// Trims a volume that awaits its copy (through its mount, or a private
+    /// mount when it has none) and enables its hydration. For a new
+    /// file-system clone this is the trim CreateVolume left out; for a
+    /// volume redirected by a cut, the start of its copy-back.
+    ///
+    /// Background work, under the volume's guard: ABORTED at once while a
+    /// CO call holds the volume (the monitor tries again next round), and a
+    /// NodeStage, NodeUnstage or DeleteVolume that comes meanwhile waits
+    /// for it, so the mount it trims through cannot come or go under it.
+    ///
+    /// Crash-safe: the trim only discards what the file system calls free
+    /// (so repeating it is harmless), `Trimmed` is recorded before the
+    /// enable, and a volume at `Trimmed` is enabled again by any table load
+    /// (`apply_hydration_settings`) and by the next call here. The holes of
+    /// the source were skipped in CreateVolume, before anything could
+    /// write to the clone; nothing here discards anything but free space.
+    pub fn start_hydration(&self, id: &VolumeId) -> DomainResult<()> {
+        let span = info_span!("start_hydration", volume = %id);
+        let _entered = span.enter();
+        let _guard = self.locks.try_acquire_background([id])?;
+        let Some(mut volume) = self.volumes.get(id)? else {
+            return Ok(());
+        };
+        if !self.awaits_hydration_start(&volume)? {
+            return Ok(());
+        }
+        if volume
+            .hydration
+            .as_ref()
+            .is_some_and(|h| h.stage < HydrationStage::Trimmed)
+        {
+            self.trim_volume(&volume)?;
+            volume = self.set_stage(volume, HydrationStage::Trimmed)?;
+        }
+        self.apply_hydration_settings(&volume)?;
+        self.set_stage(volume, HydrationStage::Enabled)?;
+        info!("hydration started");
+        Ok(())
+    }
+
+    /// Discards a file-system volume's free space through its clone
+    /// target, so background hydration skips it: through its mount if it
+    /// is mounted, else through a private one (a block volume: nothing).
+    /// The trim itself is best effort (without it hydration only copies
+    /// more), but a private mount must not outlive the call: one left by a
+    /// crash is removed first, and an error when one is still there makes
+    /// the caller try again rather than record the trim. The caller holds
+    /// the volume's guard.
+    fn trim_volume(&self, volume: &VolumeRecord) -> DomainResult<()> {
+        if volume.access.fs().is_none() {
+            return Ok(());
+        }
+        let private = self.private_trim_path(&volume.id);
+        // The mount table names mount points by their resolved path.
+        let private = std::fs::canonicalize(&private).unwrap_or(private);
+        let name = dm_name(&volume.id);
+        let mounts = match self.os.dm.info(&name)? {
+            Some(info) => self.os.fs.mounts_of(info.major, info.minor)?,
+            None => Vec::new(),
+        };
+        if mounts.iter().any(|m| m.mount_point == private) {
+            warn!(volume = %volume.id, "removing a private trim mount left by an interrupted trim");
+            self.os.fs.unmount(&private)?;
+        }
+        let trimmed = match mounts.iter().find(|m| m.mount_point != private) {
+            Some(mount) => self
+                .os
+                .fs
+                .trim(&mount.mount_point)
+                .map(|bytes| {
+                    info!(volume = %volume.id, trimmed_bytes = bytes, mount = %mount.mount_point.display(), "free space discarded through the volume's mount before hydration");
+                })
+                .map_err(DomainError::from),
+            None => self.trim_privately(volume).map(drop),
+        };
+        if let Err(e) = trimmed {
+            if self.os.fs.mount_at(&private)?.is_some() {
+                return Err(DomainError::internal(format!(
+                    "the private trim mount {} of volume {} is still there after: {e}",
+                    private.display(),
+                    volume.id
+                )));
+            }
+            warn!(volume = %volume.id, "trimming before hydration: {e}");
+        }
+        Ok(())
     }
 
     /// Reads a clone's status without flushing. `None` if the volume is no

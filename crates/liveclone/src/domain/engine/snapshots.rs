@@ -20,7 +20,7 @@ use super::{dm_name, Engine};
 use crate::domain::error::{DomainError, DomainResult};
 use crate::domain::ids::{SnapshotId, VolumeId};
 use crate::domain::model::{
-    unix_now, CutMethod, HydrationStage, SnapshotRecord, SnapshotState, VolumeRecord, VolumeState,
+    unix_now, CutMethod, HydrationStage, SnapshotRecord, SnapshotState, VolumeRecord,
 };
 use crate::domain::pool::Storage;
 use crate::domain::sizing::parse_parameters;
@@ -222,92 +222,9 @@ impl Engine {
         // has not rewritten from the image: correct, and all the cut's
         // caller waits for. Trimming it (a walk of the whole file system)
         // and enabling its hydration are the monitor's, through
-        // `start_redirected_hydration`, so the cost of a cut does not grow
-        // with the volume's size.
+        // `start_hydration` (as for a new file-system clone), so the cost
+        // of a cut does not grow with the volume's size.
         Ok(())
-    }
-
-    /// Volumes whose redirect cut is done but whose copy back into their
-    /// new data file has not started (see `start_redirected_hydration`).
-    pub fn redirected_awaiting_hydration(&self) -> DomainResult<Vec<VolumeId>> {
-        let mut waiting = Vec::new();
-        for volume in self.volumes.list()? {
-            if self.awaits_redirected_hydration(&volume)? {
-                waiting.push(volume.id);
-            }
-        }
-        Ok(waiting)
-    }
-
-    /// Whether the volume is ready, not yet copying back, and its cut done.
-    fn awaits_redirected_hydration(&self, volume: &VolumeRecord) -> DomainResult<bool> {
-        let Some(hydration) = &volume.hydration else {
-            return Ok(false);
-        };
-        if volume.state != VolumeState::Ready || hydration.stage >= HydrationStage::Enabled {
-            return Ok(false);
-        }
-        // A cut that failed or is still running leaves the same stage
-        // before the swap; only a finished cut has its image ready.
-        Ok(self
-            .snapshots
-            .get(&hydration.source)?
-            .is_some_and(|s| s.state == SnapshotState::Ready))
-    }
-
-    /// Trims a volume redirected by a cut (through its mount, or a private
-    /// mount when it has none) and enables its hydration. Background work:
-    /// ABORTED while a CO call holds the volume; the monitor retries.
-    pub fn start_redirected_hydration(&self, id: &VolumeId) -> DomainResult<()> {
-        let span = info_span!("start_redirected_hydration", volume = %id);
-        let _entered = span.enter();
-        let _guard = self.locks.try_acquire_background([id])?;
-        let Some(mut volume) = self.volumes.get(id)? else {
-            return Ok(());
-        };
-        if !self.awaits_redirected_hydration(&volume)? {
-            return Ok(());
-        }
-        if volume
-            .hydration
-            .as_ref()
-            .is_some_and(|h| h.stage == HydrationStage::MetadataBound)
-        {
-            self.trim_volume(&volume);
-            volume = self.set_stage(volume, HydrationStage::Trimmed)?;
-        }
-        self.apply_hydration_settings(&volume)?;
-        self.set_stage(volume, HydrationStage::Enabled)?;
-        info!("the redirected volume hydrates into its new data file");
-        Ok(())
-    }
-
-    /// Discards a volume's free space through its clone target, so
-    /// background hydration skips it: through its mount if it is mounted,
-    /// else through a private one. Best effort: without it hydration only
-    /// copies more.
-    fn trim_volume(&self, volume: &VolumeRecord) {
-        let name = dm_name(&volume.id);
-        let mounts = self
-            .os
-            .dm
-            .info(&name)
-            .ok()
-            .flatten()
-            .and_then(|info| self.os.fs.mounts_of(info.major, info.minor).ok())
-            .unwrap_or_default();
-        let trimmed = match mounts.first() {
-            Some(mount) => self
-                .os
-                .fs
-                .trim(&mount.mount_point)
-                .map(drop)
-                .map_err(DomainError::from),
-            None => self.trim_privately(volume).map(drop),
-        };
-        if let Err(e) = trimmed {
-            warn!(volume = %volume.id, "trimming before hydration: {e}");
-        }
     }
 
     pub fn delete_snapshot(&self, id: &SnapshotId) -> DomainResult<()> {

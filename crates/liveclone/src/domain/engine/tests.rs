@@ -815,22 +815,23 @@ impl Rig {
             .unwrap_or_else(|e| panic!("hydrating {id}: {e}"))
     }
 
-    /// What the monitor does first in every round: trim and start the
-    /// copy-back of volumes a redirect cut left waiting.
-    fn start_redirected(&self) {
+    /// What the monitor does first in every round: trim and start the copy
+    /// of volumes that wait for it (new file-system clones, volumes a
+    /// redirect cut left reading from their image).
+    fn start_awaiting(&self) {
         for id in self
             .engine
-            .redirected_awaiting_hydration()
-            .expect("listing redirected volumes")
+            .awaiting_hydration_start()
+            .expect("listing volumes that await their copy")
         {
             self.engine
-                .start_redirected_hydration(&id)
+                .start_hydration(&id)
                 .unwrap_or_else(|e| panic!("starting the hydration of {id}: {e}"));
         }
     }
 
     fn hydrate_all(&self, id: &VolumeId) {
-        self.start_redirected();
+        self.start_awaiting();
         let report = self.status(id);
         let after = self.hydrate(id, report.total_regions);
         assert_eq!(after, report.total_regions, "{id} hydrates to the end");
@@ -1185,11 +1186,12 @@ impl Rig {
                 length.0.saturating_sub(source_length.0)
             ));
         }
-        // A redirect cut leaves its volume reading from the image with
-        // hydration off until the monitor trims it and starts the copy.
+        // A new file-system clone, and a volume a redirect cut left reading
+        // from the image, have hydration off until the monitor trims them
+        // and starts the copy.
         let awaiting = self
             .engine
-            .redirected_awaiting_hydration()
+            .awaiting_hydration_start()
             .is_ok_and(|ids| ids.contains(&volume.id));
         if hydration.stage != HydrationStage::Enabled
             && volume.state == VolumeState::Ready
@@ -1375,9 +1377,17 @@ fn an_empty_volume_is_a_linear_table_over_a_loop() {
     rig.assert_all_deleted();
 }
 
-/// Creates a clone of a staged source and checks the order of its set-up:
-/// the table is loaded with hydration off, trimmed, then the tunables and
-/// `enable_hydration` are sent.
+/// The index of the first trim of `volume` (its private trim mount or its
+/// staging path, both named by its ID).
+fn trim_of(calls: &[String], volume: &VolumeId) -> Option<usize> {
+    calls
+        .iter()
+        .position(|call| call.starts_with("fs.trim") && call.contains(volume.as_str()))
+}
+
+/// The order of a clone's set-up, from CreateVolume to the start of its
+/// copy: the table is loaded with hydration off, trimmed (file systems
+/// only), then the tunables and `enable_hydration` are sent.
 fn check_clone_setup_order(calls: &[String], clone: &VolumeId, trimmed: bool) {
     let name = dm_name(clone);
     let create = expect_call(calls, 0, &format!("dm.create {name} clone"));
@@ -1389,17 +1399,14 @@ fn check_clone_setup_order(calls: &[String], clone: &VolumeId, trimmed: bool) {
         "enable_hydration before the table exists"
     );
     if trimmed {
-        let trim = expect_call(calls, create, "fs.trim");
+        let trim =
+            trim_of(calls, clone).unwrap_or_else(|| panic!("no trim of {clone} in {calls:#?}"));
         assert!(
-            trim < first_enable,
+            create < trim && trim < first_enable,
             "hydration enabled (call {first_enable}) before the trim (call {trim}): {calls:#?}"
         );
     } else {
-        assert_eq!(
-            find_call(calls, 0, "fs.trim"),
-            None,
-            "a block clone is not trimmed"
-        );
+        assert_eq!(trim_of(calls, clone), None, "a block clone is not trimmed");
     }
     let threshold = expect_call(
         calls,
@@ -1412,6 +1419,41 @@ fn check_clone_setup_order(calls: &[String], clone: &VolumeId, trimmed: bool) {
         &format!("dm.message {name} hydration_batch_size"),
     );
     assert!(threshold < first_enable && batch < first_enable);
+}
+
+/// What CreateVolume does for a file-system clone: its table with hydration
+/// off, and neither a mount, nor a trim, nor `enable_hydration`; those are
+/// the monitor's (`start_hydration`), so the call's cost does not grow with
+/// the volume's size.
+fn check_created_without_trim(rig: &Rig, calls: &[String], clone: &VolumeId) {
+    let name = dm_name(clone);
+    expect_call(calls, 0, &format!("dm.create {name} clone"));
+    for call in calls {
+        assert!(
+            !call.starts_with("fs.mount ") && !call.starts_with("fs.trim"),
+            "CreateVolume mounted or trimmed: {call} in {calls:#?}"
+        );
+    }
+    assert_eq!(
+        find_call(calls, 0, &format!("dm.message {name} enable_hydration")),
+        None,
+        "CreateVolume enabled hydration before the trim: {calls:#?}"
+    );
+    let record = rig.record(clone).expect("the clone's record");
+    assert_eq!(record.state, VolumeState::Ready);
+    assert_eq!(
+        record.hydration.as_ref().map(|h| h.stage),
+        Some(HydrationStage::SourceHolesSkipped),
+        "a new file-system clone waits for its trim"
+    );
+    assert!(rig.status(clone).features.no_hydration);
+    assert!(
+        rig.engine
+            .awaiting_hydration_start()
+            .expect("listing")
+            .contains(clone),
+        "the monitor does not see the clone as waiting"
+    );
 }
 
 /// The switch: flush of the clone device, then of the destination, then
@@ -1445,10 +1487,9 @@ fn clone_of_a_volume_hydrates_and_switches(reflink: bool) {
         Some(ContentSource::Volume(source.clone()))
     );
     let hydration = clone.hydration.clone().expect("a new clone hydrates");
-    assert_eq!(hydration.stage, HydrationStage::Enabled);
     let hidden = hidden_snapshot_for(&clone.id).expect("hidden snapshot ID");
     assert_eq!(hydration.source, hidden);
-    check_clone_setup_order(&rig.fake.calls(), &clone.id, true);
+    check_created_without_trim(&rig, &rig.fake.calls(), &clone.id);
 
     let cut = rig
         .snapshot_record(&hidden)
@@ -1488,6 +1529,17 @@ fn clone_of_a_volume_hydrates_and_switches(reflink: bool) {
         );
     }
     rig.assert_consistent("after cloning");
+    // The monitor's next round trims the clone and starts its copy.
+    rig.start_awaiting();
+    check_clone_setup_order(&rig.fake.calls(), &clone.id, true);
+    assert_eq!(
+        rig.record(&clone.id)
+            .and_then(|r| r.hydration)
+            .map(|h| h.stage),
+        Some(HydrationStage::Enabled)
+    );
+    assert!(!rig.status(&clone.id).features.no_hydration);
+    rig.assert_consistent("after the clone's hydration started");
     assert!(rig
         .engine
         .sample_hydration(&clone.id)
@@ -1557,6 +1609,8 @@ fn a_clone_of_a_snapshot_hydrates_and_keeps_the_snapshot() {
     let clone = rig
         .create(CLONE, 0, Some(ContentSource::Snapshot(snapshot.id.clone())))
         .expect("clone of a snapshot");
+    check_created_without_trim(&rig, &rig.fake.calls(), &clone.id);
+    rig.start_awaiting();
     check_clone_setup_order(&rig.fake.calls(), &clone.id, true);
     let hydration = clone.hydration.clone().expect("hydrating");
     assert_eq!(hydration.source, snapshot.id);
@@ -1696,6 +1750,7 @@ fn tunables_and_the_hydration_switch_are_sent_again_after_every_load() {
     let mut rig = rig();
     let source = rig.fs_source(SOURCE);
     let clone = rig.clone_of(CLONE, &source);
+    rig.start_awaiting();
     let tuned = rig
         .engine
         .tune_hydration(&clone.id, Some(64), Some(16))
@@ -1771,8 +1826,18 @@ fn hydration_is_never_enabled_while_paused() {
             .filter(|c| c.starts_with(&format!("dm.message {name} enable_hydration")))
             .count()
     };
+    // Paused before the monitor started it: the start trims and records
+    // it as started, but leaves it paused.
     rig.engine.pause_hydration(&clone.id).expect("pause");
     rig.fake.clear_calls();
+    rig.start_awaiting();
+    assert_eq!(
+        rig.record(&clone.id)
+            .and_then(|r| r.hydration)
+            .map(|h| h.stage),
+        Some(HydrationStage::Enabled)
+    );
+    assert!(trim_of(&rig.fake.calls(), &clone.id).is_some());
     let before = rig.status(&clone.id).hydrated_regions;
     assert!(rig.status(&clone.id).features.no_hydration);
     assert_eq!(
@@ -1980,7 +2045,22 @@ fn setup_redirected_source(rig: &mut Rig) {
 fn setup_hydrating_clone(rig: &mut Rig) {
     let source = rig.fs_source(SOURCE);
     let clone = rig.clone_of(CLONE, &source);
-    rig.hydrate(&clone.id, 100);
+    // The clone only: a source redirected by the cut stays waiting.
+    rig.engine
+        .start_hydration(&clone.id)
+        .expect("starting the clone's copy");
+    // 20 of its 64 regions (4 MiB at 64 KiB): partly hydrated.
+    rig.hydrate(&clone.id, 20);
+}
+
+fn setup_new_clone(rig: &mut Rig) {
+    let source = rig.fs_source(SOURCE);
+    rig.clone_of(CLONE, &source);
+}
+
+fn setup_new_staged_clone(rig: &mut Rig) {
+    setup_new_clone(rig);
+    rig.stage(&vid(CLONE));
 }
 
 fn setup_hydrated_clone(rig: &mut Rig) {
@@ -2014,7 +2094,13 @@ fn op_snapshot_source(rig: &Rig) -> DomainResult<String> {
 
 fn op_start_redirected(rig: &Rig) -> DomainResult<String> {
     rig.engine
-        .start_redirected_hydration(&vid(SOURCE))
+        .start_hydration(&vid(SOURCE))
+        .map(|()| "started".to_owned())
+}
+
+fn op_start_clone(rig: &Rig) -> DomainResult<String> {
+    rig.engine
+        .start_hydration(&vid(CLONE))
         .map(|()| "started".to_owned())
 }
 
@@ -2220,6 +2306,15 @@ fn verify_clone(rig: &Rig, reflink: bool) -> Vec<String> {
         }),
         || format!("the clone's record is {record:?}"),
     );
+    // CreateVolume leaves a file-system clone's trim to the monitor.
+    require(
+        &mut problems,
+        record
+            .as_ref()
+            .and_then(|r| r.hydration.as_ref())
+            .is_some_and(|h| h.stage == HydrationStage::SourceHolesSkipped),
+        || format!("the new clone is not waiting for its trim: {record:?}"),
+    );
     problems
 }
 
@@ -2253,10 +2348,53 @@ fn verify_redirected_started(rig: &Rig) -> Vec<String> {
     require(
         &mut problems,
         rig.engine
-            .redirected_awaiting_hydration()
+            .awaiting_hydration_start()
             .is_ok_and(|ids| ids.is_empty()),
         || "a volume still awaits its copy-back".to_owned(),
     );
+    problems
+}
+
+/// A clone's copy started: `Enabled` with hydration on, no longer waiting,
+/// no private trim mount left behind, and a staged clone still mounted
+/// where the CO staged it. (Whether the trim itself ran is not required:
+/// it is best effort, and a fault injected into it skips it.)
+fn verify_clone_started(rig: &Rig) -> Vec<String> {
+    let mut problems = Vec::new();
+    let id = vid(CLONE);
+    let clone = rig.record(&id);
+    require(
+        &mut problems,
+        clone
+            .as_ref()
+            .and_then(|c| c.hydration.as_ref())
+            .is_some_and(|h| h.stage == HydrationStage::Enabled && !h.paused),
+        || format!("the clone's hydration is not enabled: {clone:?}"),
+    );
+    require(
+        &mut problems,
+        rig.engine
+            .awaiting_hydration_start()
+            .is_ok_and(|ids| !ids.contains(&id)),
+        || "the clone still awaits its copy".to_owned(),
+    );
+    let private = rig.root.join("work").join("trim").join(id.as_str());
+    require(
+        &mut problems,
+        rig.fake.mount_at(&private).is_ok_and(|m| m.is_none()),
+        || format!("the private trim mount {} was left", private.display()),
+    );
+    for (staged, path) in &rig.staged {
+        if *staged == id {
+            require(
+                &mut problems,
+                rig.fake
+                    .mount_at(Path::new(path))
+                    .is_ok_and(|m| m.is_some()),
+                || format!("the clone is no longer mounted at {path}"),
+            );
+        }
+    }
     problems
 }
 
@@ -2403,6 +2541,39 @@ fn crash_at_every_step_of_starting_a_redirected_hydration() {
         setup: setup_redirected_source,
         op: op_start_redirected,
         verify: verify_redirected_started,
+    });
+}
+
+#[test]
+fn crash_at_every_step_of_starting_a_new_clone_through_a_private_mount() {
+    run_crash_matrix(&Scenario {
+        name: "start the copy of a new clone (trim through a private mount)",
+        reflink: true,
+        setup: setup_new_clone,
+        op: op_start_clone,
+        verify: verify_clone_started,
+    });
+}
+
+#[test]
+fn crash_at_every_step_of_starting_a_new_staged_clone() {
+    run_crash_matrix(&Scenario {
+        name: "start the copy of a new staged clone (trim through its mount)",
+        reflink: true,
+        setup: setup_new_staged_clone,
+        op: op_start_clone,
+        verify: verify_clone_started,
+    });
+}
+
+#[test]
+fn crash_at_every_step_of_starting_a_new_clone_on_a_pool_without_reflink() {
+    run_crash_matrix(&Scenario {
+        name: "start the copy of a new clone whose source was redirected",
+        reflink: false,
+        setup: setup_new_clone,
+        op: op_start_clone,
+        verify: verify_clone_started,
     });
 }
 
@@ -2653,7 +2824,8 @@ fn a_stale_metadata_file_is_never_picked_up_by_a_new_clone() {
     let first = rig.fs_source("first-source");
     let second = rig.fs_source("second-source");
     let clone = rig.clone_of(CLONE, &first);
-    assert_eq!(rig.hydrate(&clone.id, 300), 300);
+    rig.start_awaiting();
+    assert_eq!(rig.hydrate(&clone.id, 30), 30);
     rig.assert_consistent("first clone");
 
     // Keep the metadata's inode (which the simulator remembers, hydrated
@@ -2728,15 +2900,15 @@ fn the_same_create_volume_twice_returns_the_same_record() {
     rig.assert_all_deleted();
 }
 
-/// A real second call while the first is inside its trim (a step gate
-/// holds it there with its locks): calls on the same volume or its source
-/// are ABORTED, others go through.
+/// A real second call while the first is inside its table creation (a step
+/// gate holds it there with its locks): calls on the same volume or its
+/// source are ABORTED, others go through.
 #[test]
 fn a_call_for_a_volume_busy_with_another_call_is_aborted() {
     let mut rig = rig();
     let source = rig.fs_source(SOURCE);
     let barrier = Arc::new(Barrier::new(2));
-    rig.faults.gate_at("fs.trim", Arc::clone(&barrier));
+    rig.faults.gate_at("dm.create", Arc::clone(&barrier));
     let clone = vid(CLONE);
     let rig_ref = &rig;
     std::thread::scope(|scope| {
@@ -2785,5 +2957,143 @@ fn a_call_for_a_volume_busy_with_another_call_is_aborted() {
         .delete_volume(&clone)
         .expect("free again once the first call finished");
     rig.assert_consistent("after the concurrent calls");
+    rig.assert_all_deleted();
+}
+
+/// The monitor's trim of a new clone and a NodeStage of the same clone take
+/// turns under the volume's guard: a stage that comes while the trim holds
+/// its private mount waits for it, then mounts; a start that comes while a
+/// CO call holds the volume is ABORTED (the monitor tries next round), and
+/// the next one trims through the mount the stage made.
+#[test]
+fn the_deferred_trim_and_a_stage_of_the_same_clone_take_turns() {
+    let mut rig = rig();
+    let source = rig.fs_source(SOURCE);
+    let stage_request = |path: &str| StageRequest {
+        staging_path: path.to_owned(),
+        mount: Some(MountSpec {
+            fs: None,
+            flags: Vec::new(),
+        }),
+    };
+
+    // A stage during the private trim waits for it.
+    let clone = rig.clone_of(CLONE, &source).id;
+    let staging = rig.staging_path(&clone);
+    let private = rig.root.join("work").join("trim").join(clone.as_str());
+    let barrier = Arc::new(Barrier::new(2));
+    rig.faults.gate_at("fs.trim", Arc::clone(&barrier));
+    let (rig_ref, clone_ref) = (&rig, &clone);
+    let request = stage_request(&staging);
+    let request_ref = &request;
+    std::thread::scope(|scope| {
+        let starting = scope.spawn(move || rig_ref.engine.start_hydration(clone_ref));
+        barrier.wait();
+        assert!(
+            rig_ref.fake.mount_at(&private).expect("mounts").is_some(),
+            "the trim runs through a private mount"
+        );
+        let staging_call = scope.spawn(move || rig_ref.engine.stage(clone_ref, request_ref));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !staging_call.is_finished(),
+            "the stage did not wait for the trim"
+        );
+        assert!(
+            rig_ref
+                .fake
+                .mount_at(Path::new(&staging))
+                .expect("mounts")
+                .is_none(),
+            "the clone was staged during its private trim"
+        );
+        barrier.wait();
+        starting
+            .join()
+            .expect("the start does not panic")
+            .expect("the start succeeds");
+        staging_call
+            .join()
+            .expect("the stage does not panic")
+            .expect("the stage succeeds once the trim is done");
+    });
+    rig.staged.push((clone.clone(), staging.clone()));
+    assert!(rig.fake.mount_at(&private).expect("mounts").is_none());
+    assert!(rig
+        .fake
+        .mount_at(Path::new(&staging))
+        .expect("mounts")
+        .is_some());
+    rig.assert_consistent("after a stage during the trim");
+
+    // A start while a stage holds the volume is ABORTED; the next start
+    // trims through the stage's mount, without a mount of its own.
+    let second = rig.clone_of("second-clone", &source).id;
+    let second_staging = rig.staging_path(&second);
+    let barrier = Arc::new(Barrier::new(2));
+    rig.faults.gate_at("fs.mount ", Arc::clone(&barrier));
+    let (rig_ref, second_ref) = (&rig, &second);
+    let request = stage_request(&second_staging);
+    let request_ref = &request;
+    std::thread::scope(|scope| {
+        let staging_call = scope.spawn(move || rig_ref.engine.stage(second_ref, request_ref));
+        barrier.wait();
+        let error = rig_ref
+            .engine
+            .start_hydration(&second)
+            .expect_err("the volume is busy with the stage");
+        assert_eq!(error.code, ErrorCode::Aborted, "{error}");
+        barrier.wait();
+        staging_call
+            .join()
+            .expect("the stage does not panic")
+            .expect("the stage succeeds");
+    });
+    rig.staged.push((second.clone(), second_staging.clone()));
+    rig.fake.clear_calls();
+    rig.engine.start_hydration(&second).expect("the next start");
+    let calls = rig.fake.calls();
+    expect_call(&calls, 0, &format!("fs.trim {second_staging}"));
+    assert_eq!(find_call(&calls, 0, "fs.mount "), None, "{calls:#?}");
+    rig.assert_consistent("after a start during a stage");
+    rig.assert_all_deleted();
+}
+
+/// An xfs clone gets a UUID of its own in CreateVolume, before anything can
+/// mount it (xfs refuses a second mount of one UUID, and the source stays
+/// mounted), without a mount or a trim there; it then stages next to its
+/// source, and the monitor's start trims it through that mount.
+#[test]
+fn an_xfs_clone_gets_its_own_uuid_in_create_volume_and_its_trim_later() {
+    let mut rig = rig();
+    let xfs = AccessKind::Filesystem { fs: FsType::Xfs };
+    let source = rig
+        .create_as(SOURCE, SOURCE_BYTES, None, xfs)
+        .expect("an xfs source")
+        .id;
+    rig.stage(&source);
+    rig.fake.clear_calls();
+    let clone = rig
+        .create_as(CLONE, 0, Some(ContentSource::Volume(source.clone())), xfs)
+        .expect("an xfs clone")
+        .id;
+    let calls = rig.fake.calls();
+    check_created_without_trim(&rig, &calls, &clone);
+    let name = dm_name(&clone);
+    let uuid = expect_call(
+        &calls,
+        0,
+        &format!("fs.regenerate_uuid {}", name.mapper_path().display()),
+    );
+    assert!(
+        expect_call(&calls, 0, &format!("dm.create {name} clone")) < uuid,
+        "{calls:#?}"
+    );
+    rig.stage(&clone);
+    rig.start_awaiting();
+    let calls = rig.fake.calls();
+    expect_call(&calls, 0, &format!("fs.trim {}", rig.staging_path(&clone)));
+    check_clone_setup_order(&calls, &clone, true);
+    rig.assert_consistent("after the xfs clone started");
     rig.assert_all_deleted();
 }

@@ -301,9 +301,21 @@ impl Engine {
             .as_ref()
             .is_some_and(|h| h.stage == HydrationStage::SourceHolesSkipped)
         {
-            self.trim_new_clone(&record)?;
-            record = self.set_stage(record, HydrationStage::Trimmed)?;
-            self.apply_hydration_settings(&record)?;
+            match record.access.fs() {
+                // Nothing says what is free on a raw block volume: nothing
+                // to trim, so its copy starts now.
+                None => {
+                    record = self.set_stage(record, HydrationStage::Trimmed)?;
+                    self.apply_hydration_settings(&record)?;
+                }
+                // A file system clone is ready without its trim, which
+                // walks the whole file system and so grows with its size:
+                // the monitor trims it (through its mount if a pod mounted
+                // it by then) and starts the copy in one of its next rounds
+                // (`start_hydration`). Until then it reads what it has not
+                // written from the source image, with hydration off.
+                Some(fs) => self.give_clone_its_own_uuid(&record, fs)?,
+            }
         }
         if record
             .hydration
@@ -382,13 +394,28 @@ impl Engine {
         Ok(())
     }
 
-    /// Trims a new file-system clone through a private mount, then gives
-    /// an xfs clone its own UUID.
-    fn trim_new_clone(&self, record: &VolumeRecord) -> DomainResult<()> {
-        if let Some(fs) = self.trim_privately(record)? {
-            self.os.fs.regenerate_uuid(&Self::device_path(record), fs)?;
+    /// Gives a new xfs clone a UUID of its own, so that it can be mounted
+    /// next to its source (xfs refuses a second mount of one UUID); ext4
+    /// mounts with a duplicate and is left alone (see
+    /// `os::fs::linux`). Only while the clone is `Creating`, before
+    /// anything can mount it; repeating it after a crash only draws
+    /// another UUID.
+    fn give_clone_its_own_uuid(&self, record: &VolumeRecord, fs: FsType) -> DomainResult<()> {
+        if fs != FsType::Xfs {
+            return Ok(());
         }
-        Ok(())
+        let device = Self::device_path(record);
+        match self.os.fs.probe(&device)? {
+            Some(found) if found == fs.to_string() => {
+                Ok(self.os.fs.regenerate_uuid(&device, fs)?)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Where [`Self::trim_privately`] mounts a volume.
+    pub(super) fn private_trim_path(&self, id: &VolumeId) -> std::path::PathBuf {
+        self.config.work_dir.join("trim").join(id.as_str())
     }
 
     /// Mounts a file-system volume that nothing else mounts privately,
@@ -409,7 +436,7 @@ impl Engine {
             }
             None => return Ok(None),
         }
-        let mount_point = self.config.work_dir.join("trim").join(record.id.as_str());
+        let mount_point = self.private_trim_path(&record.id);
         std::fs::create_dir_all(&mount_point).map_err(|e| {
             DomainError::internal(format!("creating {}: {e}", mount_point.display()))
         })?;
