@@ -34,8 +34,10 @@ use liveclone::proto::csi::v1::volume_capability::access_mode::Mode;
 use liveclone::proto::csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume};
 use liveclone::proto::csi::v1::volume_content_source::{Type, VolumeSource};
 use liveclone::proto::csi::v1::{
-    CapacityRange, ControllerGetVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest,
-    ListVolumesRequest, Topology, TopologyRequirement, VolumeCapability, VolumeContentSource,
+    CapacityRange, ControllerExpandVolumeRequest, ControllerGetVolumeRequest,
+    CreateSnapshotRequest, CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest,
+    ListSnapshotsRequest, ListVolumesRequest, Topology, TopologyRequirement, VolumeCapability,
+    VolumeContentSource,
 };
 use tokio::sync::watch;
 use tonic::{Code, Request};
@@ -308,6 +310,81 @@ async fn the_controller_agent_waits_for_nodes_and_maps_their_answers() {
         .await
         .expect("a clone");
     assert_eq!(clone.capacity_bytes, 16 * MIB);
+
+    // Expansion goes through the node: the answer is the node's size.
+    let expanded = controller
+        .controller_expand_volume(Request::new(ControllerExpandVolumeRequest {
+            volume_id: source.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 32 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }))
+        .await
+        .expect("ControllerExpandVolume")
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, 32 * MIB);
+    assert!(!expanded.node_expansion_required, "a block volume");
+    let on_node = node.volume(&source_id).expect("the source");
+    assert_eq!(on_node.capacity_bytes, 32 << 20, "grown on the node");
+    let object = volumes.get(source_id.as_str()).await.expect("the source");
+    assert_eq!(
+        object.finalizers(),
+        [STORAGE_FINALIZER.to_owned()],
+        "the finalizer survives the expansion's apply"
+    );
+    assert_eq!(
+        object.labels().get(NODE_LABEL).map(String::as_str),
+        Some(NODE)
+    );
+
+    // A snapshot: cut by the node, listed and found by ID and by source,
+    // then deleted (twice: the second is a no-op).
+    let snapshot = controller
+        .create_snapshot(Request::new(CreateSnapshotRequest {
+            source_volume_id: source.volume_id.clone(),
+            name: "snap".to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .expect("a snapshot");
+    assert_eq!(snapshot.source_volume_id, source.volume_id);
+    assert_eq!(snapshot.size_bytes, 32 * MIB);
+    let listed = controller
+        .list_snapshots(Request::new(ListSnapshotsRequest {
+            source_volume_id: source.volume_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .expect("ListSnapshots")
+        .into_inner();
+    assert_eq!(listed.entries.len(), 1);
+    let message = failed_with(
+        controller
+            .create_snapshot(Request::new(CreateSnapshotRequest {
+                source_volume_id: clone.volume_id.clone(),
+                name: "snap".to_owned(),
+                ..Default::default()
+            }))
+            .await,
+        Code::AlreadyExists,
+    );
+    assert!(message.contains("another volume"), "{message}");
+    for _ in 0..2 {
+        controller
+            .delete_snapshot(Request::new(DeleteSnapshotRequest {
+                snapshot_id: snapshot.snapshot_id.clone(),
+                secrets: HashMap::new(),
+            }))
+            .await
+            .expect("DeleteSnapshot");
+    }
+    let snapshot_id = snapshot.snapshot_id.parse().expect("a snapshot ID");
+    assert!(node.snapshot(&snapshot_id).is_none(), "deleted on the node");
     for id in [&source.volume_id, &clone.volume_id, &source.volume_id] {
         controller
             .delete_volume(Request::new(DeleteVolumeRequest {

@@ -149,6 +149,29 @@ fn labels(node: &str) -> BTreeMap<String, String> {
     BTreeMap::from([(NODE_LABEL.to_owned(), node_label_value(node))])
 }
 
+/// The controller's whole server-side apply of a LivecloneVolume or
+/// LivecloneSnapshot: name, node label, storage finalizer and spec. Always
+/// all of them: fields this manager applied before and leaves out of an
+/// apply are removed, and a lost finalizer or label would let the object go
+/// without its node's cleanup, or hide it from its node.
+fn storage_apply<K: Resource<DynamicType = ()>>(
+    name: &str,
+    node: &str,
+    spec: &impl serde::Serialize,
+) -> serde_json::Value {
+    json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(labels(node)),
+            finalizers: Some(vec![STORAGE_FINALIZER.to_owned()]),
+            ..ObjectMeta::default()
+        },
+        "spec": spec,
+    })
+}
+
 fn deleting<K: Resource>(object: &K) -> bool {
     object.meta().deletion_timestamp.is_some()
 }
@@ -486,17 +509,7 @@ impl Provisioner for KubeProvisioner {
         let object = match existing {
             Some(object) => object,
             None => {
-                let object = json!({
-                    "apiVersion": LivecloneVolume::api_version(&()),
-                    "kind": LivecloneVolume::kind(&()),
-                    "metadata": ObjectMeta {
-                        name: Some(id.to_string()),
-                        labels: Some(labels(&node)),
-                        finalizers: Some(vec![STORAGE_FINALIZER.to_owned()]),
-                        ..ObjectMeta::default()
-                    },
-                    "spec": spec,
-                });
+                let object = storage_apply::<LivecloneVolume>(id.as_str(), &node, &spec);
                 info!(volume = %id, %node, "asking the node for the volume");
                 self.volumes()
                     .patch(id.as_str(), &Self::apply_params(), &Patch::Apply(&object))
@@ -656,11 +669,7 @@ impl Provisioner for KubeProvisioner {
                 ..object.spec.clone()
             };
             // The whole spec: an apply that left fields out would drop them.
-            let apply = json!({
-                "apiVersion": LivecloneVolume::api_version(&()),
-                "kind": LivecloneVolume::kind(&()),
-                "spec": spec,
-            });
+            let apply = storage_apply::<LivecloneVolume>(id.as_str(), &spec.node, &spec);
             info!(volume = %id, bytes = wanted, "asking the node to grow the volume");
             self.volumes()
                 .patch(id.as_str(), &Self::apply_params(), &Patch::Apply(&apply))
@@ -730,17 +739,8 @@ impl Provisioner for KubeProvisioner {
                     access: volume.spec.access,
                     volume_snapshot: metadata.volume_snapshot.as_ref().map(object_name),
                 };
-                let object = json!({
-                    "apiVersion": LivecloneSnapshot::api_version(&()),
-                    "kind": LivecloneSnapshot::kind(&()),
-                    "metadata": ObjectMeta {
-                        name: Some(id.to_string()),
-                        labels: Some(labels(&volume.spec.node)),
-                        finalizers: Some(vec![STORAGE_FINALIZER.to_owned()]),
-                        ..ObjectMeta::default()
-                    },
-                    "spec": spec,
-                });
+                let object =
+                    storage_apply::<LivecloneSnapshot>(id.as_str(), &volume.spec.node, &spec);
                 info!(snapshot = %id, volume = %source, node = %volume.spec.node, "asking the node for the snapshot");
                 self.snapshots()
                     .patch(id.as_str(), &Self::apply_params(), &Patch::Apply(&object))
