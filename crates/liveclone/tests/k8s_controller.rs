@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use k8s_common::{
     create_namespace, install_crds, install_rbac_exactly, start, FakeNode, NODE_AGENT_RULES,
 };
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use kubetest::ApiServer;
 use liveclone::domain::ids::VolumeId;
@@ -28,7 +28,7 @@ use liveclone::grpc::controller::ControllerService;
 use liveclone::grpc::TOPOLOGY_NODE_KEY;
 use liveclone::k8s::controller::{controller_service, ControllerAgentConfig};
 use liveclone::k8s::node::{run_agent, NodeAgentConfig};
-use liveclone::k8s::{LivecloneVolume, NODE_LABEL, STORAGE_FINALIZER};
+use liveclone::k8s::{LivecloneVolume, VolumeHydration, NODE_LABEL, STORAGE_FINALIZER};
 use liveclone::proto::csi::v1::controller_server::Controller;
 use liveclone::proto::csi::v1::volume_capability::access_mode::Mode;
 use liveclone::proto::csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume};
@@ -310,6 +310,58 @@ async fn the_controller_agent_waits_for_nodes_and_maps_their_answers() {
         .await
         .expect("a clone");
     assert_eq!(clone.capacity_bytes, 16 * MIB);
+
+    // A clone made for a claim gets its VolumeHydration; a user's pause
+    // survives the CO's retry of the same CreateVolume.
+    create_namespace(&admin, "apps").await;
+    let mut claimed = clone_of("claimed", &source.volume_id, 0, NODE);
+    claimed.parameters.extend([
+        ("csi.storage.k8s.io/pvc/name".to_owned(), "copy".to_owned()),
+        (
+            "csi.storage.k8s.io/pvc/namespace".to_owned(),
+            "apps".to_owned(),
+        ),
+        (
+            "csi.storage.k8s.io/pv/name".to_owned(),
+            "pv-copy".to_owned(),
+        ),
+    ]);
+    let copy = create(&controller, claimed.clone())
+        .await
+        .expect("a clone for a claim");
+    let hydrations: Api<VolumeHydration> = Api::namespaced(admin.clone(), "apps");
+    let vh = hydrations.get("copy").await.expect("its VolumeHydration");
+    assert_eq!(vh.spec.destination.volume_handle, copy.volume_id);
+    assert_eq!(vh.spec.destination.persistent_volume_name, "pv-copy");
+    assert_eq!(
+        vh.spec.source.volume_handle.as_deref(),
+        Some(source.volume_id.as_str())
+    );
+    assert_eq!(vh.labels().get(NODE_LABEL).map(String::as_str), Some(NODE));
+    hydrations
+        .patch(
+            "copy",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"paused": true}})),
+        )
+        .await
+        .expect("a user pauses the copy");
+    create(&controller, claimed)
+        .await
+        .expect("the CO's retry succeeds");
+    let vh = hydrations.get("copy").await.expect("its VolumeHydration");
+    assert!(vh.spec.paused, "the retry left the user's pause alone");
+    controller
+        .delete_volume(Request::new(DeleteVolumeRequest {
+            volume_id: copy.volume_id.clone(),
+            secrets: HashMap::new(),
+        }))
+        .await
+        .expect("DeleteVolume");
+    assert!(
+        hydrations.get_opt("copy").await.expect("get").is_none(),
+        "the clone's VolumeHydration goes with it"
+    );
 
     // Expansion goes through the node: the answer is the node's size.
     let expanded = controller

@@ -357,6 +357,16 @@ impl KubeProvisioner {
             tunables: None,
             paused: false,
         };
+        // `paused` and `tunables` are the users' (a later apply that named
+        // them would conflict with a user's edit, or take it back once the
+        // controller owned them): the controller's apply leaves them out,
+        // and their absence means "not paused, class defaults".
+        let mut spec = serde_json::to_value(&spec)
+            .map_err(|e| DomainError::internal(format!("encoding a VolumeHydration spec: {e}")))?;
+        if let Some(fields) = spec.as_object_mut() {
+            fields.remove("paused");
+            fields.remove("tunables");
+        }
         let owner = volume.controller_owner_ref(&()).ok_or_else(|| {
             DomainError::internal(format!(
                 "LivecloneVolume {id} has no UID to own its hydration"
@@ -375,10 +385,9 @@ impl KubeProvisioner {
             "spec": spec,
         });
         let api: Api<VolumeHydration> = Api::namespaced(self.client.clone(), &claim.namespace);
-        // Not forced: `paused` and `tunables` belong to users once they
-        // edit them, and the controller's apply of a retried CreateVolume
-        // must not take them back. The controller's own fields are
-        // immutable, so a conflict on them cannot arise.
+        // Not forced: the fields applied are immutable, so a conflict on
+        // them would mean someone else made this object, which must not be
+        // taken over.
         api.patch(
             &claim.name,
             &PatchParams::apply(CONTROLLER_FIELD_MANAGER),
