@@ -203,6 +203,33 @@ async fn wait_for(what: &str, timeout: Duration, check: impl Fn() -> bool) {
     eprintln!("{what}: after {:.1} s", started.elapsed().as_secs_f64());
 }
 
+/// Every volume's and snapshot's resourceVersion, by name: any write to
+/// any of them changes it.
+async fn resource_versions(
+    volumes: &Api<LivecloneVolume>,
+    snapshots: &Api<LivecloneSnapshot>,
+) -> BTreeMap<String, String> {
+    let named = |name: String, version: Option<String>| (name, version.unwrap_or_default());
+    let mut versions: BTreeMap<String, String> = volumes
+        .list(&ListParams::default())
+        .await
+        .expect("listing volumes")
+        .items
+        .iter()
+        .map(|v| named(v.name_any(), v.resource_version()))
+        .collect();
+    versions.extend(
+        snapshots
+            .list(&ListParams::default())
+            .await
+            .expect("listing snapshots")
+            .items
+            .iter()
+            .map(|s| named(s.name_any(), s.resource_version())),
+    );
+    versions
+}
+
 fn condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
 }
@@ -610,49 +637,12 @@ async fn the_node_agent_makes_and_deletes_volumes_and_snapshots() {
         .await
         .expect("the first agent stops")
         .expect("the first agent ran");
-    let versions = |items: Vec<(String, String)>| items.into_iter().collect::<BTreeMap<_, _>>();
-    let before = versions(
-        volumes
-            .list(&ListParams::default())
-            .await
-            .expect("listing")
-            .items
-            .iter()
-            .map(|v| (v.name_any(), v.resource_version().unwrap_or_default()))
-            .chain(
-                snapshots
-                    .list(&ListParams::default())
-                    .await
-                    .expect("listing")
-                    .items
-                    .iter()
-                    .map(|s| (s.name_any(), s.resource_version().unwrap_or_default())),
-            )
-            .collect(),
-    );
+    let before = resource_versions(&volumes, &snapshots).await;
     let agent = new_agent(&as_node, &node);
     let (volume_metrics, snapshot_metrics) = (agent.volume_metrics(), agent.snapshot_metrics());
     let agent = tokio::spawn(agent.run(stopped.clone()));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = versions(
-        volumes
-            .list(&ListParams::default())
-            .await
-            .expect("listing")
-            .items
-            .iter()
-            .map(|v| (v.name_any(), v.resource_version().unwrap_or_default()))
-            .chain(
-                snapshots
-                    .list(&ListParams::default())
-                    .await
-                    .expect("listing")
-                    .items
-                    .iter()
-                    .map(|s| (s.name_any(), s.resource_version().unwrap_or_default())),
-            )
-            .collect(),
-    );
+    let after = resource_versions(&volumes, &snapshots).await;
     assert_eq!(after, before, "objects changed after the restart");
     for (kind, metrics) in [("volume", &volume_metrics), ("snapshot", &snapshot_metrics)] {
         assert_eq!(

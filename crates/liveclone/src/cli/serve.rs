@@ -188,10 +188,7 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
         None
     };
     let _state_lock = lock_state_dir(&args.state_dir)?;
-    let metrics_listener = match metrics_address {
-        Some(address) => Some(MetricsListener::bind(address).await?),
-        None => None,
-    };
+    let metrics_listener = bind_metrics(metrics_address).await?;
     // Before recovery loads any table: each clone table's copier takes the
     // value current when it is created.
     if args.kcopyd_subjob_kib > 0 {
@@ -228,19 +225,7 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
         routes = routes.add_service(NodeService::new(Arc::clone(&engine)).into_server());
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(socket.serve(routes, async move {
-        let _ = server_stop.wait_for(|stop| *stop).await;
-    }));
-    if let Some(listener) = metrics_listener {
-        if let Ok(address) = listener.local_addr() {
-            info!(%address, "serving metrics on /metrics");
-        }
-        let mut metrics_stop = stop_rx.clone();
-        tokio::spawn(listener.serve(Arc::clone(&metrics), async move {
-            let _ = metrics_stop.wait_for(|stop| *stop).await;
-        }));
-    }
+    let server = serve_until_stopped(socket, routes, metrics_listener, &metrics, &stop_rx);
 
     let recovered = {
         let engine = Arc::clone(&engine);
@@ -280,6 +265,47 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The metrics listener, bound before anything else starts (a bind
+/// failure stops startup); `None` when metrics are off.
+async fn bind_metrics(
+    address: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Option<MetricsListener>> {
+    Ok(match address {
+        Some(address) => Some(MetricsListener::bind(address).await?),
+        None => None,
+    })
+}
+
+/// Serves the CSI socket, and metrics if bound, until `stop` turns true;
+/// the returned task ends when the socket has stopped serving.
+fn serve_until_stopped(
+    socket: BoundSocket,
+    routes: Routes,
+    metrics_listener: Option<MetricsListener>,
+    metrics: &Arc<Metrics>,
+    stop: &watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let mut server_stop = stop.clone();
+    let server = tokio::spawn(async move {
+        socket
+            .serve(routes, async move {
+                let _ = server_stop.wait_for(|stop| *stop).await;
+            })
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    if let Some(listener) = metrics_listener {
+        if let Ok(address) = listener.local_addr() {
+            info!(%address, "serving metrics on /metrics");
+        }
+        let mut metrics_stop = stop.clone();
+        tokio::spawn(listener.serve(Arc::clone(metrics), async move {
+            let _ = metrics_stop.wait_for(|stop| *stop).await;
+        }));
+    }
+    server
+}
+
 /// The API client of Kubernetes mode: the pod's service account, or
 /// KUBECONFIG outside a cluster. Made before anything else starts, so that
 /// a node without access fails at once with a clear message.
@@ -294,10 +320,7 @@ async fn kubernetes_client() -> anyhow::Result<kube::Client> {
 async fn run_kubernetes_controller(args: ServeArgs) -> anyhow::Result<()> {
     let wait_timeout = seconds(args.node_wait_seconds, "node-wait-seconds")?;
     let metrics_address = metrics_endpoint::parse_address(&args.metrics_address)?;
-    let metrics_listener = match metrics_address {
-        Some(address) => Some(MetricsListener::bind(address).await?),
-        None => None,
-    };
+    let metrics_listener = bind_metrics(metrics_address).await?;
     let client = kubernetes_client().await?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health {
@@ -316,16 +339,7 @@ async fn run_kubernetes_controller(args: ServeArgs) -> anyhow::Result<()> {
         crate::k8s::controller::controller_service(client.clone(), config).into_server(),
     );
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(socket.serve(routes, async move {
-        let _ = server_stop.wait_for(|stop| *stop).await;
-    }));
-    if let Some(listener) = metrics_listener {
-        let mut metrics_stop = stop_rx.clone();
-        tokio::spawn(listener.serve(Arc::clone(&metrics), async move {
-            let _ = metrics_stop.wait_for(|stop| *stop).await;
-        }));
-    }
+    let server = serve_until_stopped(socket, routes, metrics_listener, &metrics, &stop_rx);
     info!("controller agent started (Kubernetes mode)");
     tokio::spawn(keep_api_health(client, health));
     wait_for_signal().await?;

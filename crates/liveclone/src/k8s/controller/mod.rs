@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
@@ -120,6 +121,29 @@ pub(crate) fn api_error(what: &str, error: kube::Error) -> DomainError {
 
 fn is_not_found(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 404)
+}
+
+/// The object of that name, if there is one.
+async fn read<K>(api: &Api<K>, name: &str) -> DomainResult<Option<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    api.get_opt(name)
+        .await
+        .map_err(|e| api_error(&format!("reading {} {name}", K::kind(&())), e))
+}
+
+/// Asks the API server to delete the object; `false` when it was gone
+/// already. With its finalizer, it stays until its node has cleaned up.
+async fn delete_object<K>(api: &Api<K>, name: &str) -> DomainResult<bool>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(api_error(&format!("deleting {} {name}", K::kind(&())), e)),
+    }
 }
 
 /// The node's failure, from the Ready condition it wrote (False, reason: an
@@ -242,17 +266,34 @@ impl KubeProvisioner {
     }
 
     async fn get_volume(&self, id: &VolumeId) -> DomainResult<Option<LivecloneVolume>> {
-        self.volumes()
-            .get_opt(id.as_str())
-            .await
-            .map_err(|e| api_error(&format!("reading LivecloneVolume {id}"), e))
+        read(&self.volumes(), id.as_str()).await
     }
 
     async fn get_snapshot(&self, id: &SnapshotId) -> DomainResult<Option<LivecloneSnapshot>> {
-        self.snapshots()
-            .get_opt(id.as_str())
-            .await
-            .map_err(|e| api_error(&format!("reading LivecloneSnapshot {id}"), e))
+        read(&self.snapshots(), id.as_str()).await
+    }
+
+    /// Waits until the object is gone: its node has removed the storage and
+    /// then the finalizer. `node_message` is the node's last word on it.
+    async fn wait_until_gone<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        node_message: fn(K) -> Option<String>,
+    ) -> DomainResult<()>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        wait::until(&self.config, || async {
+            Ok(match read(api, name).await? {
+                None => wait::Poll::Done(()),
+                Some(object) => wait::Poll::Waiting(
+                    node_message(object)
+                        .unwrap_or_else(|| "the node has not removed it yet".to_owned()),
+                ),
+            })
+        })
+        .await
     }
 
     /// The source's node, size and the object people know it by.
@@ -574,14 +615,8 @@ impl Provisioner for KubeProvisioner {
                 // refused, so the object goes now (the node made nothing,
                 // and releases the finalizer); a later CreateVolume of the
                 // same name starts afresh instead of meeting this spec.
-                if let Err(e) = self
-                    .volumes()
-                    .delete(id.as_str(), &DeleteParams::default())
-                    .await
-                {
-                    if !is_not_found(&e) {
-                        warn!(volume = %id, "removing the refused volume's object: {e}");
-                    }
+                if let Err(e) = delete_object(&self.volumes(), id.as_str()).await {
+                    warn!(volume = %id, "removing the refused volume's object: {e}");
                 }
                 Err(failure.context(format!("volume {id} on node {node}")))
             }
@@ -595,14 +630,8 @@ impl Provisioner for KubeProvisioner {
         };
         if !deleting(&object) {
             info!(volume = %id, node = %object.spec.node, "asking the node to delete the volume");
-            match self
-                .volumes()
-                .delete(id.as_str(), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if is_not_found(&e) => return Ok(()),
-                Err(e) => return Err(api_error(&format!("deleting LivecloneVolume {id}"), e)),
+            if !delete_object(&self.volumes(), id.as_str()).await? {
+                return Ok(());
             }
         }
         // The hydration object goes with its volume by owner reference
@@ -620,20 +649,11 @@ impl Provisioner for KubeProvisioner {
                 }
             }
         }
-        let node = object.spec.node.clone();
-        wait::until(&self.config, || async {
-            Ok(match self.get_volume(id).await? {
-                None => wait::Poll::Done(()),
-                Some(object) => wait::Poll::Waiting(
-                    object
-                        .status
-                        .and_then(|status| status.message)
-                        .unwrap_or_else(|| "the node has not removed it yet".to_owned()),
-                ),
-            })
+        self.wait_until_gone(&self.volumes(), id.as_str(), |object| {
+            object.status.and_then(|status| status.message)
         })
         .await
-        .map_err(|e| e.context(format!("deleting volume {id} on node {node}")))
+        .map_err(|e| e.context(format!("deleting volume {id} on node {}", object.spec.node)))
     }
 
     async fn volume(&self, id: &VolumeId) -> DomainResult<Option<VolumeInfo>> {
@@ -790,29 +810,20 @@ impl Provisioner for KubeProvisioner {
         };
         if !deleting(&object) {
             info!(snapshot = %id, node = %object.spec.node, "asking the node to delete the snapshot");
-            match self
-                .snapshots()
-                .delete(id.as_str(), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if is_not_found(&e) => return Ok(()),
-                Err(e) => return Err(api_error(&format!("deleting LivecloneSnapshot {id}"), e)),
+            if !delete_object(&self.snapshots(), id.as_str()).await? {
+                return Ok(());
             }
         }
-        wait::until(&self.config, || async {
-            Ok(match self.get_snapshot(id).await? {
-                None => wait::Poll::Done(()),
-                Some(object) => wait::Poll::Waiting(
-                    object
-                        .status
-                        .and_then(|status| status.message)
-                        .unwrap_or_else(|| "the node has not removed it yet".to_owned()),
-                ),
-            })
+        self.wait_until_gone(&self.snapshots(), id.as_str(), |object| {
+            object.status.and_then(|status| status.message)
         })
         .await
-        .map_err(|e| e.context(format!("deleting snapshot {id}")))
+        .map_err(|e| {
+            e.context(format!(
+                "deleting snapshot {id} on node {}",
+                object.spec.node
+            ))
+        })
     }
 
     async fn snapshot(&self, id: &SnapshotId) -> DomainResult<Option<SnapshotInfo>> {
