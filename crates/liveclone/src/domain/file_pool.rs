@@ -186,6 +186,7 @@ impl Pool for FilePool {
         Ok(PoolCapacity {
             total_bytes: usage.total_bytes,
             available_bytes: usage.available_bytes,
+            thin: None,
         })
     }
 
@@ -297,6 +298,16 @@ impl Pool for FilePool {
             Err(e) if e.kind == OsErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn release(&self, _item: &Storage, device: &BlockDevice) -> DomainResult<()> {
+        Ok(self.os.loops.detach(&device.path)?)
+    }
+
+    /// New files are sparse, and a discard through a loop device punches a
+    /// hole.
+    fn fresh_storage_reads_zeros(&self) -> bool {
+        true
     }
 
     /// SEEK_DATA / SEEK_HOLE over the file. A file system without them

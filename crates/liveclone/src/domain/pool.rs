@@ -44,10 +44,24 @@ pub struct BlockDevice {
     pub read_only: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a pool can still hold. `available_bytes` is what one new volume
+/// may take (GetCapacity); for a thin pool it is the smaller of the
+/// overprovisioning limit's headroom and the pool's free data space.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PoolCapacity {
     pub total_bytes: u64,
     pub available_bytes: u64,
+    /// How full a thin pool's data and metadata are; `None` for other pools.
+    pub thin: Option<ThinUsage>,
+}
+
+/// A thin pool's fill, as LVM reports it (fractions from 0 to 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ThinUsage {
+    pub data_used: f64,
+    pub metadata_used: f64,
+    /// Bytes promised to thin volumes and snapshots (their virtual sizes).
+    pub provisioned_bytes: u64,
 }
 
 /// Storage for volumes, snapshot images and clone metadata.
@@ -57,9 +71,10 @@ pub trait Pool: Send + Sync {
     /// Whether the pool can be used now; the message says what is wrong.
     fn check(&self) -> Result<(), String>;
     fn capacity(&self) -> DomainResult<PoolCapacity>;
-    /// Makes new, zero-filled storage of `bytes`. Fails with ALREADY_EXISTS
-    /// if it exists: nothing is ever silently reused (a reused metadata
-    /// volume would return stale data).
+    /// Makes new storage of `bytes`. Fails with ALREADY_EXISTS if it exists:
+    /// nothing is ever silently reused (a reused metadata volume would
+    /// return stale data). Metadata storage reads as zeros throughout;
+    /// other storage does where [`Pool::fresh_storage_reads_zeros`] says so.
     fn create(&self, item: &Storage, bytes: u64) -> DomainResult<()>;
     fn exists(&self, item: &Storage) -> DomainResult<bool>;
     fn size(&self, item: &Storage) -> DomainResult<u64>;
@@ -74,6 +89,16 @@ pub trait Pool: Send + Sync {
     fn detach(&self, item: &Storage) -> DomainResult<()>;
     /// Every block device currently attached for the storage.
     fn attachments(&self, item: &Storage) -> DomainResult<Vec<BlockDevice>>;
+    /// Detaches one of the storage's attachments that no table uses any
+    /// more (the read-write loop left on a redirected image, a stray found
+    /// by recovery). A pool whose storage has a single device that other
+    /// attachments share may keep it.
+    fn release(&self, item: &Storage, device: &BlockDevice) -> DomainResult<()>;
+    /// Whether storage from [`Pool::create`] reads zeros wherever nothing
+    /// was written, and still after a discard. A clone may only mark the
+    /// source's holes hydrated without copying them when its destination
+    /// does (a thick LV keeps whatever the disk held before).
+    fn fresh_storage_reads_zeros(&self) -> bool;
     /// Byte ranges of the first `length` bytes of the storage that read as
     /// zeros because nothing was ever written there (holes of a sparse
     /// file), in order. An empty list when the pool cannot tell.

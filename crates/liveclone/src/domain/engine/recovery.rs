@@ -142,7 +142,7 @@ impl Engine {
                     // Kept for clones; collect_images decides.
                     continue;
                 }
-                match self.os.loops.detach(&device.path) {
+                match self.pool.release(&item, &device) {
                     Ok(()) => report.stray_loops_detached += 1,
                     Err(e) => warn!("detaching {}: {e}", device.path.display()),
                 }

@@ -215,7 +215,7 @@ impl Engine {
         // any table; only the read-only one may stay on an image.
         for device in self.pool.attachments(&image)? {
             if !device.read_only {
-                self.os.loops.detach(&device.path)?;
+                self.pool.release(&image, &device)?;
             }
         }
         // The volume stays `MetadataBound`, hydration off, reading what it

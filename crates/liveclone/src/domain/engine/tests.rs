@@ -432,6 +432,13 @@ impl Pool for SteppedPool {
         self.enter("attachments", item)?;
         self.inner.attachments(item)
     }
+    fn release(&self, item: &Storage, device: &BlockDevice) -> DomainResult<()> {
+        self.enter("release", item)?;
+        self.inner.release(item, device)
+    }
+    fn fresh_storage_reads_zeros(&self) -> bool {
+        self.inner.fresh_storage_reads_zeros()
+    }
     fn holes(&self, item: &Storage, length: u64) -> DomainResult<Vec<std::ops::Range<u64>>> {
         self.enter("holes", item)?;
         self.inner.holes(item, length)

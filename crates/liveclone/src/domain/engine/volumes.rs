@@ -373,6 +373,12 @@ impl Engine {
         let Some(hydration) = &record.hydration else {
             return Ok(());
         };
+        if !self.pool.fresh_storage_reads_zeros() {
+            // A discarded region is read from the destination from then on,
+            // and this destination would not read zeros there.
+            info!(volume = %record.id, "the destination does not read zeros where unwritten: the source's holes are copied");
+            return Ok(());
+        }
         let region = hydration.region_sectors.saturating_mul(SECTOR_BYTES);
         if region == 0 {
             return Err(DomainError::internal("recorded region size is zero"));
