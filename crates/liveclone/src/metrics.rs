@@ -458,7 +458,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let engine = Engine::new(
             os,
-            Arc::new(pool),
+            crate::domain::device_class::DeviceClasses::single(Arc::new(pool)),
             Arc::new(volumes),
             Arc::new(snapshots),
             config,

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tonic::service::Routes;
 use tracing::{error, info, warn};
 
+use crate::domain::device_class::DeviceClasses;
 use crate::domain::engine::{Engine, EngineConfig};
 use crate::domain::file_pool::FilePool;
 use crate::domain::model::{SnapshotRecord, VolumeRecord};
@@ -149,7 +150,8 @@ pub fn build_engine(args: &ServeArgs, node_id: String, os: Os) -> anyhow::Result
         allowed_roots: AllowedRoots::new(args.allowed_mount_roots.clone()),
         max_volumes: args.max_volumes,
     };
-    Ok(Engine::new(os, Arc::new(pool), volumes, snapshots, config))
+    let classes = DeviceClasses::single(Arc::new(pool));
+    Ok(Engine::new(os, classes, volumes, snapshots, config))
 }
 
 /// Serves until SIGTERM or SIGINT, over the given OS implementation
@@ -205,7 +207,7 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let engine =
         Arc::new(build_engine(&args, node_id.clone(), os)?.with_metrics(Arc::clone(&metrics)));
-    info!(?mode, node = %node_id, pool = %engine.pool().describe(), "starting");
+    info!(?mode, node = %node_id, classes = %engine.device_classes().describe(), "starting");
 
     let health = Arc::new(Health {
         state: RwLock::new(Err(NotReady::Initializing(

@@ -1,5 +1,6 @@
 //! Domain layer: volumes, snapshots, pools, hydration, sizing rules.
 
+pub mod device_class;
 pub mod engine;
 pub mod error;
 pub mod file_pool;

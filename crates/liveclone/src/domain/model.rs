@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::device_class::DeviceClassName;
 use crate::domain::ids::{SnapshotId, VolumeId};
 use crate::domain::sizing::HydrationTunables;
 use crate::domain::store::Record;
@@ -133,6 +134,10 @@ pub struct VolumeRecord {
     /// The file system must be grown to the device at the next stage
     /// (a clone larger than its source, or an expansion).
     pub needs_fs_grow: bool,
+    /// The device class whose pool holds the data and, while hydrating,
+    /// the metadata (`None`: the default class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_class: Option<DeviceClassName>,
     /// Unix seconds.
     pub created_at: u64,
     /// Target paths where the volume is published. A bind mount of a
@@ -187,6 +192,10 @@ pub struct SnapshotRecord {
     /// For a redirect cut: the generation of the volume's data file that
     /// became this image.
     pub source_generation: u32,
+    /// The device class whose pool holds the image: the source volume's
+    /// at the cut (`None`: the default class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_class: Option<DeviceClassName>,
     /// Unix seconds.
     pub created_at: u64,
 }

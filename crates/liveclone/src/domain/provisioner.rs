@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use tracing::Span;
 
+use crate::domain::device_class::DeviceClassName;
 use crate::domain::engine::{CapacityRange, CreateVolume, Engine};
 use crate::domain::error::{DomainError, DomainResult};
 use crate::domain::ids::{SnapshotId, VolumeId};
@@ -145,9 +146,14 @@ pub trait Provisioner: Send + Sync + std::fmt::Debug {
     /// Every volume the CO may see, sorted by ID.
     async fn list_volumes(&self) -> DomainResult<Vec<VolumeInfo>>;
 
-    /// Bytes available for new volumes on `node` (every node this
-    /// provisioner serves when `None`).
-    async fn available_capacity(&self, node: Option<&str>) -> DomainResult<u64>;
+    /// Bytes available for new volumes of a device class (`None`: the
+    /// default) on `node` (every node this provisioner serves when `None`).
+    /// A class the node does not have has nothing available.
+    async fn available_capacity(
+        &self,
+        node: Option<&str>,
+        class: Option<&DeviceClassName>,
+    ) -> DomainResult<u64>;
 
     /// Grows a volume; returns its size and whether the node must grow its
     /// file system.
@@ -289,12 +295,23 @@ impl Provisioner for LocalProvisioner {
         Ok(records.iter().map(|record| self.info(record)).collect())
     }
 
-    async fn available_capacity(&self, node: Option<&str>) -> DomainResult<u64> {
+    async fn available_capacity(
+        &self,
+        node: Option<&str>,
+        class: Option<&DeviceClassName>,
+    ) -> DomainResult<u64> {
         // Another node's pool: nothing is available for it here.
         if node.is_some_and(|node| node != self.node()) {
             return Ok(0);
         }
-        self.blocking(|engine| engine.available_capacity()).await
+        let class = class.cloned();
+        self.blocking(move |engine| {
+            if !engine.device_classes().contains(class.as_ref()) {
+                return Ok(0);
+            }
+            engine.available_capacity(class.as_ref())
+        })
+        .await
     }
 
     async fn expand_volume(

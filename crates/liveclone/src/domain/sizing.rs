@@ -4,6 +4,7 @@
 //! The kernel's limits live in [`crate::os::dm`]; this module only adds
 //! policy on top of them.
 
+use crate::domain::device_class::DeviceClassName;
 use std::collections::BTreeMap;
 
 use crate::os::dm::{
@@ -285,6 +286,9 @@ pub const REGION_SIZE_KEY: &str = "liveclone.io/regionSize";
 pub const HYDRATION_THRESHOLD_KEY: &str = "liveclone.io/hydrationThreshold";
 /// Hydration batch size, in regions.
 pub const HYDRATION_BATCH_SIZE_KEY: &str = "liveclone.io/hydrationBatchSize";
+/// The node's device class (pool) that holds the volume; absent: the
+/// default class.
+pub const DEVICE_CLASS_KEY: &str = "liveclone.io/deviceClass";
 
 const REGION_SIZE_ALLOWED: &str = "expected a power of two from 4KiB to 1GiB, as a number of \
      bytes (65536) or with a binary suffix: KiB, MiB, GiB (or Ki, Mi, Gi), e.g. 4KiB, 64KiB, 1MiB";
@@ -303,7 +307,8 @@ pub struct CloneParameters {
 pub enum ParameterError {
     #[error(
         "unknown StorageClass parameter `{key}`; liveclone.io/ parameters are \
-         {REGION_SIZE_KEY}, {HYDRATION_THRESHOLD_KEY} and {HYDRATION_BATCH_SIZE_KEY}"
+         {REGION_SIZE_KEY}, {HYDRATION_THRESHOLD_KEY}, {HYDRATION_BATCH_SIZE_KEY} and \
+         {DEVICE_CLASS_KEY}"
     )]
     UnknownKey { key: String },
     #[error("StorageClass parameter `{key}` = `{value}`: {reason}")]
@@ -334,10 +339,35 @@ pub fn parse_parameters(
             HYDRATION_BATCH_SIZE_KEY => {
                 result.hydration_batch_size = Some(parse_tunable(HYDRATION_BATCH_SIZE_KEY, value)?);
             }
+            // Checked here so that a bad name fails with the others;
+            // read by `device_class_parameter`.
+            DEVICE_CLASS_KEY => {
+                parse_device_class(value)?;
+            }
             _ => return Err(ParameterError::UnknownKey { key: key.clone() }),
         }
     }
     Ok(result)
+}
+
+/// The device class a StorageClass names, if any.
+pub fn device_class_parameter(
+    parameters: &BTreeMap<String, String>,
+) -> Result<Option<DeviceClassName>, ParameterError> {
+    parameters
+        .get(DEVICE_CLASS_KEY)
+        .map(|value| parse_device_class(value))
+        .transpose()
+}
+
+fn parse_device_class(value: &str) -> Result<DeviceClassName, ParameterError> {
+    value
+        .parse()
+        .map_err(|reason| ParameterError::InvalidValue {
+            key: DEVICE_CLASS_KEY,
+            value: value.to_owned(),
+            reason,
+        })
 }
 
 fn parse_region_size(value: &str) -> Result<RegionSize, ParameterError> {

@@ -21,7 +21,7 @@ use tracing::{field, info_span, Instrument as _, Span};
 use crate::domain::engine::{CreateVolume, Engine};
 use crate::domain::ids::{SnapshotId, VolumeId};
 use crate::domain::provisioner::{LocalProvisioner, Placement, Provisioner, VolumeInfo};
-use crate::domain::sizing::{parse_parameters, PARAMETER_PREFIX};
+use crate::domain::sizing::{device_class_parameter, parse_parameters, PARAMETER_PREFIX};
 use crate::grpc::convert::volume_span;
 use crate::grpc::convert::{
     self, bytes_i64, capabilities, capability, capacity_range, co_metadata, content_source,
@@ -370,9 +370,15 @@ impl Controller for ControllerService {
             // A StorageClass with a mistyped liveclone parameter gets an
             // error here too, rather than capacity for volumes that
             // CreateVolume would then refuse.
-            parse_parameters(&convert::parameters(&request.parameters))
+            let parameters = convert::parameters(&request.parameters);
+            parse_parameters(&parameters)
                 .map_err(|error| Status::invalid_argument(format!("parameters: {error}")))?;
-            let available = self.provisioner.available_capacity(node).await?;
+            let class = device_class_parameter(&parameters)
+                .map_err(|error| Status::invalid_argument(format!("parameters: {error}")))?;
+            let available = self
+                .provisioner
+                .available_capacity(node, class.as_ref())
+                .await?;
             Ok(Response::new(GetCapacityResponse {
                 available_capacity: bytes_i64(available),
                 maximum_volume_size: None,
@@ -1082,7 +1088,7 @@ mod tests {
                     ..Default::default()
                 }))
         };
-        let available = node.engine.available_capacity().expect("capacity");
+        let available = node.engine.available_capacity(None).expect("capacity");
         assert!(available > 0);
         let mine = capacity(None).await.expect("capacity").into_inner();
         assert_eq!(mine.available_capacity, bytes_i64(available));

@@ -62,7 +62,7 @@ impl Node {
         };
         let engine = Arc::new(Engine::new(
             os,
-            Arc::new(pool),
+            crate::domain::device_class::DeviceClasses::single(Arc::new(pool)),
             Arc::new(volumes),
             Arc::new(snapshots),
             config,

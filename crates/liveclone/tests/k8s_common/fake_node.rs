@@ -33,7 +33,7 @@ impl FakeNode {
         let pool = Arc::new(FilePool::open(&pool_dir, os.clone()).expect("pool"));
         let engine = Arc::new(Engine::new(
             os,
-            pool.clone(),
+            liveclone::domain::device_class::DeviceClasses::single(pool.clone()),
             Arc::new(JsonDirStore::<VolumeRecord>::open(&state).expect("volume store")),
             Arc::new(JsonDirStore::<SnapshotRecord>::open(&state).expect("snapshot store")),
             EngineConfig {

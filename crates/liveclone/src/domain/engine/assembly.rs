@@ -62,16 +62,15 @@ impl Engine {
     /// The table the record calls for, attaching pool storage as needed.
     pub(super) fn expected_table(&self, record: &VolumeRecord) -> DomainResult<Table> {
         let length = sectors(record.capacity_bytes)?;
-        let data = self.pool.attach(&Self::data_of(record), false)?;
+        let pool = self.pool_of(record)?;
+        let data = pool.attach(&Self::data_of(record), false)?;
         let Some(hydration) = &record.hydration else {
             return Table::linear(length, device_ref(&data)?)
                 .map_err(|e| DomainError::internal(e.to_string()));
         };
-        let metadata = self
-            .pool
-            .attach(&Storage::Metadata(record.id.clone()), false)?;
+        let metadata = pool.attach(&Storage::Metadata(record.id.clone()), false)?;
         let source = self
-            .pool
+            .image_pool_by_id(&hydration.source)?
             .attach(&Storage::Image(hydration.source.clone()), true)?;
         let region_size = hydration.region_size().ok_or_else(|| {
             DomainError::internal(format!(

@@ -287,7 +287,10 @@ impl Engine {
         // the table that knows where it came from goes away.
         let device = Self::device_path(&record);
         self.os.fs.flush(&device)?;
-        for attached in self.pool.attachments(&Self::data_of(&record))? {
+        for attached in self
+            .pool_of(&record)?
+            .attachments(&Self::data_of(&record))?
+        {
             self.os.fs.flush(&attached.path)?;
         }
         if !complete(self)? {
@@ -348,7 +351,10 @@ impl Engine {
             completed_at: unix_now(),
         });
         self.volumes.put(&record)?;
-        if let Err(e) = self.pool.remove(&Storage::Metadata(record.id.clone())) {
+        if let Err(e) = self
+            .pool_of(&record)
+            .and_then(|pool| pool.remove(&Storage::Metadata(record.id.clone())))
+        {
             warn!(volume = %record.id, "removing the clone's metadata: {e}");
         }
         self.collect_images();

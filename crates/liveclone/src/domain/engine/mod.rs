@@ -29,6 +29,7 @@ pub use hydration::HydrationSample;
 pub use node::{MountSpec, NodeStats, PublishRequest, StageRequest};
 pub use volumes::{CapacityRange, CreateVolume};
 
+use crate::domain::device_class::{DeviceClassName, DeviceClasses};
 use crate::domain::error::{DomainError, DomainResult};
 use crate::domain::hydration::Progress;
 use crate::domain::ids::{SnapshotId, VolumeId};
@@ -62,7 +63,7 @@ pub struct VolumeView {
 
 pub struct Engine {
     os: Os,
-    pool: Arc<dyn Pool>,
+    classes: DeviceClasses,
     volumes: Arc<dyn RecordStore<VolumeRecord>>,
     snapshots: Arc<dyn RecordStore<SnapshotRecord>>,
     locks: OpLocks,
@@ -76,7 +77,7 @@ pub struct Engine {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("pool", &self.pool.describe())
+            .field("classes", &self.classes)
             .field("config", &self.config)
             .finish()
     }
@@ -92,14 +93,14 @@ pub fn dm_name(id: &VolumeId) -> DmName {
 impl Engine {
     pub fn new(
         os: Os,
-        pool: Arc<dyn Pool>,
+        classes: DeviceClasses,
         volumes: Arc<dyn RecordStore<VolumeRecord>>,
         snapshots: Arc<dyn RecordStore<SnapshotRecord>>,
         config: EngineConfig,
     ) -> Self {
         Self {
             os,
-            pool,
+            classes,
             volumes,
             snapshots,
             locks: OpLocks::default(),
@@ -127,19 +128,45 @@ impl Engine {
         &self.os
     }
 
-    pub fn pool(&self) -> &Arc<dyn Pool> {
-        &self.pool
+    pub fn device_classes(&self) -> &DeviceClasses {
+        &self.classes
     }
 
-    /// What Probe reports: the kernel has dm-clone and the pool is usable.
+    /// What Probe reports: the kernel has dm-clone and every pool is usable.
     pub fn health(&self) -> Result<(), String> {
         self.os
             .kernel
             .ensure_dm_clone()
             .map_err(|e| format!("device-mapper's clone target is not available: {e}"))?;
-        self.pool
-            .check()
-            .map_err(|e| format!("the {} is unusable: {e}", self.pool.describe()))
+        for (class, pool) in self.classes.iter() {
+            pool.check().map_err(|e| {
+                format!(
+                    "device class {class} ({}) is unusable: {e}",
+                    pool.describe()
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The pool that holds a volume's data and clone metadata.
+    pub(crate) fn pool_of(&self, volume: &VolumeRecord) -> DomainResult<&Arc<dyn Pool>> {
+        self.classes.get(volume.device_class.as_ref())
+    }
+
+    /// The pool that holds a snapshot's image.
+    pub(crate) fn image_pool(&self, snapshot: &SnapshotRecord) -> DomainResult<&Arc<dyn Pool>> {
+        self.classes.get(snapshot.device_class.as_ref())
+    }
+
+    /// The pool of the image a clone reads, found through its snapshot.
+    pub(crate) fn image_pool_by_id(&self, snapshot: &SnapshotId) -> DomainResult<&Arc<dyn Pool>> {
+        let record = self.snapshots.get(snapshot)?.ok_or_else(|| {
+            DomainError::internal(format!(
+                "snapshot {snapshot} has no record but a clone reads its image"
+            ))
+        })?;
+        self.classes.get(record.device_class.as_ref())
     }
 
     pub fn volume(&self, id: &VolumeId) -> DomainResult<Option<VolumeRecord>> {
@@ -222,9 +249,9 @@ impl Engine {
         }
     }
 
-    /// Free bytes for new volumes.
-    pub fn available_capacity(&self) -> DomainResult<u64> {
-        Ok(self.pool.capacity()?.available_bytes)
+    /// Free bytes for new volumes of a device class (`None`: the default).
+    pub fn available_capacity(&self, class: Option<&DeviceClassName>) -> DomainResult<u64> {
+        Ok(self.classes.get(class)?.capacity()?.available_bytes)
     }
 
     fn require_volume(&self, id: &VolumeId) -> DomainResult<VolumeRecord> {

@@ -90,7 +90,8 @@ impl Engine {
         // Metadata only matters while hydrating; a crash right after a
         // switch was recorded can leave the file behind.
         if volume.hydration.is_none() {
-            self.pool.remove(&Storage::Metadata(volume.id.clone()))?;
+            self.pool_of(&volume)?
+                .remove(&Storage::Metadata(volume.id.clone()))?;
         }
         // A crash during a cut can leave a mounted file system frozen.
         if let Some(info) = self.os.dm.info(&dm_name(&volume.id))? {
@@ -123,28 +124,32 @@ impl Engine {
             Err(e) => report.failures.push(format!("listing devices: {e}")),
         }
         let in_use = self.devices_in_tables();
-        let items = match self.pool.list() {
-            Ok(items) => items,
-            Err(e) => {
-                report.failures.push(format!("listing the pool: {e}"));
-                return;
-            }
-        };
-        for item in items {
-            let Ok(attachments) = self.pool.attachments(&item) else {
-                continue;
+        for (class, pool) in self.classes.iter() {
+            let items = match pool.list() {
+                Ok(items) => items,
+                Err(e) => {
+                    report
+                        .failures
+                        .push(format!("listing device class {class}: {e}"));
+                    continue;
+                }
             };
-            for device in attachments {
-                if in_use.contains(&(device.major, device.minor)) {
+            for item in items {
+                let Ok(attachments) = pool.attachments(&item) else {
                     continue;
-                }
-                if matches!(item, Storage::Image(_)) && device.read_only {
-                    // Kept for clones; collect_images decides.
-                    continue;
-                }
-                match self.pool.release(&item, &device) {
-                    Ok(()) => report.stray_loops_detached += 1,
-                    Err(e) => warn!("detaching {}: {e}", device.path.display()),
+                };
+                for device in attachments {
+                    if in_use.contains(&(device.major, device.minor)) {
+                        continue;
+                    }
+                    if matches!(item, Storage::Image(_)) && device.read_only {
+                        // Kept for clones; collect_images decides.
+                        continue;
+                    }
+                    match pool.release(&item, &device) {
+                        Ok(()) => report.stray_loops_detached += 1,
+                        Err(e) => warn!("detaching {}: {e}", device.path.display()),
+                    }
                 }
             }
         }

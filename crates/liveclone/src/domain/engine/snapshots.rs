@@ -67,6 +67,7 @@ impl Engine {
             hidden: false,
             deleted: false,
             source_generation: volume.generation,
+            device_class: volume.device_class.clone(),
             created_at: unix_now(),
         };
         self.snapshots.put(&record)?;
@@ -99,6 +100,7 @@ impl Engine {
                     hidden: true,
                     deleted: false,
                     source_generation: volume.generation,
+                    device_class: volume.device_class.clone(),
                     created_at: unix_now(),
                 };
                 self.snapshots.put(&record)?;
@@ -118,12 +120,15 @@ impl Engine {
         if snapshot.method != Some(CutMethod::Redirect) {
             self.check_cuttable(&volume)?;
             // A pool known not to reflink is not suspended just to find out.
-            if self.pool.instant_clone_supported()? {
+            // The image lives in its volume's pool: the only place an
+            // instant copy can share the volume's blocks.
+            let pool = self.pool_of(&volume)?;
+            if pool.instant_clone_supported()? {
                 let image = Storage::Image(snapshot.id.clone());
                 // A reflink interrupted by a crash may have left part of an image.
-                self.pool.remove(&image)?;
+                pool.remove(&image)?;
                 let cut = self.quiesce(&volume)?;
-                if self.pool.clone_instant(&Self::data_of(&volume), &image)? {
+                if pool.clone_instant(&Self::data_of(&volume), &image)? {
                     cut.release()?;
                     snapshot.method = Some(CutMethod::Reflink);
                     snapshot.state = SnapshotState::Ready;
@@ -180,25 +185,25 @@ impl Engine {
                 snapshot.id, volume.id
             )));
         }
-        if !self.pool.exists(&image)? {
+        let pool = self.pool_of(&volume)?.clone();
+        if !pool.exists(&image)? {
             // Everything the new table needs is attached before the suspend,
             // so the window holds only a rename and a table swap: the new
             // data file and metadata exist already, and the image's
             // read-only loop goes on the old data file now, because a loop
             // device follows its inode through the rename.
-            self.pool.attach(&Self::data_of(&volume), false)?;
-            self.pool
-                .attach(&Storage::Metadata(volume.id.clone()), false)?;
-            self.pool.attach(&old_data, true)?;
+            pool.attach(&Self::data_of(&volume), false)?;
+            pool.attach(&Storage::Metadata(volume.id.clone()), false)?;
+            pool.attach(&old_data, true)?;
             let cut = self.quiesce(&volume)?;
-            self.pool.rename(&old_data, &image)?;
+            pool.rename(&old_data, &image)?;
             let swapped = self
                 .expected_table(&volume)
                 .and_then(|table| Ok(self.os.dm.load(&dm_name(&volume.id), &table)?));
             if let Err(load_error) = swapped {
                 // Put the file back before anything can write through the
                 // old table, which still maps it.
-                if let Err(rename_error) = self.pool.rename(&image, &old_data) {
+                if let Err(rename_error) = pool.rename(&image, &old_data) {
                     error!(volume = %volume.id, "cannot undo a failed redirect cut ({rename_error}); leaving the device suspended so nothing writes to the image");
                     std::mem::forget(cut);
                     return Err(load_error);
@@ -213,9 +218,9 @@ impl Engine {
         }
         // The loop that mapped the old data file read-write is no longer in
         // any table; only the read-only one may stay on an image.
-        for device in self.pool.attachments(&image)? {
+        for device in pool.attachments(&image)? {
             if !device.read_only {
-                self.pool.release(&image, &device)?;
+                pool.release(&image, &device)?;
             }
         }
         // The volume stays `MetadataBound`, hydration off, reading what it
@@ -257,7 +262,8 @@ impl Engine {
             );
             return Ok(());
         }
-        self.pool.remove(&Storage::Image(id.clone()))?;
+        self.image_pool(&snapshot)?
+            .remove(&Storage::Image(id.clone()))?;
         self.snapshots.remove(id)?;
         info!("snapshot deleted");
         Ok(())
@@ -300,12 +306,13 @@ impl Engine {
             }
             let image = Storage::Image(snapshot.id.clone());
             let result = if snapshot.hidden || snapshot.deleted {
-                self.pool
-                    .remove(&image)
+                self.image_pool(&snapshot)
+                    .and_then(|pool| pool.remove(&image))
                     .and_then(|()| Ok(self.snapshots.remove(&snapshot.id)?))
                     .map(|()| info!(snapshot = %snapshot.id, "image released"))
             } else {
-                self.pool.detach(&image)
+                self.image_pool(&snapshot)
+                    .and_then(|pool| pool.detach(&image))
             };
             if let Err(e) = result {
                 warn!(snapshot = %snapshot.id, "releasing the image: {e}");

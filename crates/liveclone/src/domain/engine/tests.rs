@@ -28,6 +28,7 @@
 //! * Work the engine does without the OS layer, the pool or the store (the
 //!   private trim folder): it always succeeds here.
 
+use crate::domain::device_class::DeviceClasses;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::fs::{File, OpenOptions};
@@ -611,10 +612,10 @@ fn build_engine(fake: &FakeOs, faults: &Arc<Faults>, root: &Path, kubelet: &Path
     let snapshots = JsonDirStore::<SnapshotRecord>::open(&state).expect("snapshot store");
     Engine::new(
         os,
-        Arc::new(SteppedPool {
+        DeviceClasses::single(Arc::new(SteppedPool {
             inner: pool,
             faults: Arc::clone(faults),
-        }),
+        })),
         Arc::new(SteppedStore {
             inner: volumes,
             faults: Arc::clone(faults),

@@ -13,7 +13,9 @@ use crate::domain::model::{
     VolumeRecord, VolumeState,
 };
 use crate::domain::pool::Storage;
-use crate::domain::sizing::{parse_parameters, CloneParameters, PARAMETER_PREFIX};
+use crate::domain::sizing::{
+    device_class_parameter, parse_parameters, CloneParameters, PARAMETER_PREFIX,
+};
 use crate::os::dm::SECTOR_BYTES;
 use crate::os::fs::FsType;
 
@@ -189,11 +191,14 @@ impl Engine {
             }
         };
         let capacity_bytes = request.capacity.resolve(source_bytes)?;
-        let pool_total = self.pool.capacity()?.total_bytes;
+        let device_class = device_class_parameter(&request.parameters)
+            .map_err(|e| DomainError::invalid_argument(e.to_string()))?;
+        let pool = self.classes.get(device_class.as_ref())?;
+        let pool_total = pool.capacity()?.total_bytes;
         if capacity_bytes > pool_total {
             return Err(DomainError::resource_exhausted(format!(
                 "{capacity_bytes} bytes is more than the whole {} ({pool_total} bytes)",
-                self.pool.describe()
+                pool.describe()
             )));
         }
         let hydration = match (source_bytes, hydration_source) {
@@ -217,6 +222,7 @@ impl Engine {
             state: VolumeState::Creating,
             generation: 0,
             needs_fs_grow: source_bytes.is_some_and(|s| capacity_bytes > s),
+            device_class,
             hydration,
             last_hydration: None,
             created_at: unix_now(),
@@ -282,8 +288,11 @@ impl Engine {
                 self.provision_clone_storage(&record, hydration.metadata_bytes)?;
                 record = self.set_stage(record, HydrationStage::MetadataBound)?;
             }
-        } else if !self.pool.exists(&data)? {
-            self.pool.create(&data, record.capacity_bytes)?;
+        } else {
+            let pool = self.pool_of(&record)?;
+            if !pool.exists(&data)? {
+                pool.create(&data, record.capacity_bytes)?;
+            }
         }
         if self.ensure_device(&record)? == DeviceOutcome::AlreadySwitched {
             return self.finish_switch(record);
@@ -340,13 +349,14 @@ impl Engine {
         record: &VolumeRecord,
         metadata_bytes: u64,
     ) -> DomainResult<()> {
+        let pool = self.pool_of(record)?;
         let data = Self::data_of(record);
-        if !self.pool.exists(&data)? {
-            self.pool.create(&data, record.capacity_bytes)?;
+        if !pool.exists(&data)? {
+            pool.create(&data, record.capacity_bytes)?;
         }
         let metadata = Storage::Metadata(record.id.clone());
-        self.pool.remove(&metadata)?;
-        self.pool.create(&metadata, metadata_bytes)
+        pool.remove(&metadata)?;
+        pool.create(&metadata, metadata_bytes)
     }
 
     pub(super) fn set_stage(
@@ -373,7 +383,7 @@ impl Engine {
         let Some(hydration) = &record.hydration else {
             return Ok(());
         };
-        if !self.pool.fresh_storage_reads_zeros() {
+        if !self.pool_of(record)?.fresh_storage_reads_zeros() {
             // A discarded region is read from the destination from then on,
             // and this destination would not read zeros there.
             info!(volume = %record.id, "the destination does not read zeros where unwritten: the source's holes are copied");
@@ -385,7 +395,7 @@ impl Engine {
         }
         let device = Self::device_path(record);
         let mut skipped = 0u64;
-        for hole in self.pool.holes(
+        for hole in self.image_pool_by_id(&hydration.source)?.holes(
             &Storage::Image(hydration.source.clone()),
             hydration.source_bytes,
         )? {
@@ -494,10 +504,11 @@ impl Engine {
             self.volumes.put(&record)?;
         }
         self.os.dm.remove(&name)?;
-        self.pool.remove(&Storage::Metadata(id.clone()))?;
-        for item in self.pool.list()? {
+        let pool = self.pool_of(&record)?;
+        pool.remove(&Storage::Metadata(id.clone()))?;
+        for item in pool.list()? {
             if matches!(&item, Storage::Data { volume, .. } if volume == id) {
-                self.pool.remove(&item)?;
+                pool.remove(&item)?;
             }
         }
         self.volumes.remove(id)?;
@@ -524,14 +535,15 @@ impl Engine {
         let wanted = capacity.resolve(None)?;
         let node_grow = record.access.fs().is_some();
         if wanted > record.capacity_bytes {
-            let available = self.pool.capacity()?.total_bytes;
+            let pool = self.pool_of(&record)?;
+            let available = pool.capacity()?.total_bytes;
             if wanted > available {
                 return Err(DomainError::out_of_range(format!(
                     "{wanted} bytes is more than the whole {}",
-                    self.pool.describe()
+                    pool.describe()
                 )));
             }
-            self.pool.grow(&Self::data_of(&record), wanted)?;
+            pool.grow(&Self::data_of(&record), wanted)?;
             record.capacity_bytes = wanted;
             record.needs_fs_grow = node_grow;
             self.volumes.put(&record)?;

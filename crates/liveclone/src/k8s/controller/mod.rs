@@ -671,7 +671,11 @@ impl Provisioner for KubeProvisioner {
         Ok(volumes)
     }
 
-    async fn available_capacity(&self, _node: Option<&str>) -> DomainResult<u64> {
+    async fn available_capacity(
+        &self,
+        _node: Option<&str>,
+        _class: Option<&crate::domain::device_class::DeviceClassName>,
+    ) -> DomainResult<u64> {
         Err(DomainError::failed_precondition(
             "GetCapacity is not offered in Kubernetes mode yet",
         ))

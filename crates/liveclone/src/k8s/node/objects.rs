@@ -499,6 +499,7 @@ mod tests {
             needs_fs_grow: false,
             hydration: None,
             last_hydration: None,
+            device_class: None,
             created_at: 1_700_000_000,
             published: Default::default(),
         }
@@ -516,6 +517,7 @@ mod tests {
             hidden: false,
             deleted: false,
             source_generation: 0,
+            device_class: None,
             created_at: 1_700_000_000,
         }
     }

@@ -256,6 +256,7 @@ mod tests {
             hydration: Some(hydration.clone()),
             last_hydration: None,
             needs_fs_grow: false,
+            device_class: None,
             created_at: 1,
             published: Default::default(),
         };

@@ -292,6 +292,7 @@ mod tests {
             hydration,
             last_hydration: None,
             needs_fs_grow: false,
+            device_class: None,
             created_at: 1_700_000_000,
             published: Default::default(),
         }
