@@ -32,6 +32,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::domain::hydration::{HydrationPhase, Progress};
+use crate::domain::pool::PoolCapacity;
 
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -61,6 +62,11 @@ struct PhaseLabel {
     phase: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: String,
+}
+
 fn rpc_histogram() -> Histogram {
     Histogram::new([
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -78,6 +84,12 @@ pub struct Metrics {
     rate: Family<VolumeLabel, Gauge<f64, AtomicU64>>,
     hydrations: Family<PhaseLabel, Gauge>,
     hydration_duration: Histogram,
+    class_total: Family<ClassLabel, Gauge>,
+    class_available: Family<ClassLabel, Gauge>,
+    class_up: Family<ClassLabel, Gauge>,
+    thin_data_used: Family<ClassLabel, Gauge<f64, AtomicU64>>,
+    thin_metadata_used: Family<ClassLabel, Gauge<f64, AtomicU64>>,
+    thin_provisioned: Family<ClassLabel, Gauge>,
     /// When this process first saw each followed hydration, for
     /// `liveclone_hydration_duration_seconds`.
     started: Mutex<HashMap<String, Instant>>,
@@ -105,6 +117,42 @@ impl Metrics {
             10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
             28800.0, 86400.0,
         ]);
+        let class_total = Family::<ClassLabel, Gauge>::default();
+        let class_available = Family::<ClassLabel, Gauge>::default();
+        let class_up = Family::<ClassLabel, Gauge>::default();
+        let thin_data_used = Family::<ClassLabel, Gauge<f64, AtomicU64>>::default();
+        let thin_metadata_used = Family::<ClassLabel, Gauge<f64, AtomicU64>>::default();
+        let thin_provisioned = Family::<ClassLabel, Gauge>::default();
+        registry.register(
+            "liveclone_device_class_capacity_bytes",
+            "Size of a device class's pool (for a thin pool: its size times the overprovisioning ratio)",
+            class_total.clone(),
+        );
+        registry.register(
+            "liveclone_device_class_available_bytes",
+            "Bytes a new volume of the device class may take (what GetCapacity answers)",
+            class_available.clone(),
+        );
+        registry.register(
+            "liveclone_device_class_up",
+            "1 when the device class's pool answered its last capacity reading, else 0",
+            class_up.clone(),
+        );
+        registry.register(
+            "liveclone_thin_pool_data_used_ratio",
+            "How full a thin device class's pool data is, from 0 to 1",
+            thin_data_used.clone(),
+        );
+        registry.register(
+            "liveclone_thin_pool_metadata_used_ratio",
+            "How full a thin device class's pool metadata is, from 0 to 1",
+            thin_metadata_used.clone(),
+        );
+        registry.register(
+            "liveclone_thin_pool_provisioned_bytes",
+            "Virtual sizes of the thin volumes and snapshots in a thin device class's pool",
+            thin_provisioned.clone(),
+        );
         // Counters get `_total` appended by the encoder.
         registry.register(
             "liveclone_rpc_requests",
@@ -150,6 +198,12 @@ impl Metrics {
             rate,
             hydrations,
             hydration_duration,
+            class_total,
+            class_available,
+            class_up,
+            thin_data_used,
+            thin_metadata_used,
+            thin_provisioned,
             started: Mutex::new(HashMap::new()),
         }
     }
@@ -232,6 +286,37 @@ impl Metrics {
                     phase: phase.to_string(),
                 })
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Records a device class's capacity reading; `None` when reading it
+    /// failed (the figures keep their last values and `up` reads 0).
+    pub fn device_class_capacity(&self, class: &str, capacity: Option<&PoolCapacity>) {
+        let label = ClassLabel {
+            class: class.to_owned(),
+        };
+        let bytes = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        let Some(capacity) = capacity else {
+            self.class_up.get_or_create(&label).set(0);
+            return;
+        };
+        self.class_up.get_or_create(&label).set(1);
+        self.class_total
+            .get_or_create(&label)
+            .set(bytes(capacity.total_bytes));
+        self.class_available
+            .get_or_create(&label)
+            .set(bytes(capacity.available_bytes));
+        if let Some(thin) = &capacity.thin {
+            self.thin_data_used
+                .get_or_create(&label)
+                .set(thin.data_used);
+            self.thin_metadata_used
+                .get_or_create(&label)
+                .set(thin.metadata_used);
+            self.thin_provisioned
+                .get_or_create(&label)
+                .set(bytes(thin.provisioned_bytes));
         }
     }
 
@@ -429,6 +514,35 @@ mod tests {
         metrics.hydration_progress("lcv-b", &progress(HydrationPhase::Stalled, 1, 2, 0.0));
         metrics.forget_hydration("lcv-b");
         assert!(!metrics.render().contains("lcv-b"));
+    }
+
+    #[test]
+    fn renders_device_class_capacity() {
+        let metrics = Metrics::new();
+        let thin = PoolCapacity {
+            total_bytes: 1000,
+            available_bytes: 400,
+            thin: Some(crate::domain::pool::ThinUsage {
+                data_used: 0.5,
+                metadata_used: 0.25,
+                provisioned_bytes: 600,
+            }),
+        };
+        metrics.device_class_capacity("fast", Some(&thin));
+        metrics.device_class_capacity("file", None);
+        let text = metrics.render();
+        for line in [
+            "liveclone_device_class_capacity_bytes{class=\"fast\"} 1000\n",
+            "liveclone_device_class_available_bytes{class=\"fast\"} 400\n",
+            "liveclone_device_class_up{class=\"fast\"} 1\n",
+            "liveclone_device_class_up{class=\"file\"} 0\n",
+            "liveclone_thin_pool_data_used_ratio{class=\"fast\"} 0.5\n",
+            "liveclone_thin_pool_metadata_used_ratio{class=\"fast\"} 0.25\n",
+            "liveclone_thin_pool_provisioned_bytes{class=\"fast\"} 600\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(!text.contains("available_bytes{class=\"file\"}"), "{text}");
     }
 
     /// The engine's hook: what the monitor publishes lands in the metrics.

@@ -396,7 +396,12 @@ fn lock_state_dir(state_dir: &std::path::Path) -> anyhow::Result<nix::fcntl::Flo
 async fn keep_health(engine: Arc<Engine>, health: Arc<Health>) {
     loop {
         let engine = Arc::clone(&engine);
-        let result = tokio::task::spawn_blocking(move || engine.health()).await;
+        // The capacity figures come from the same pools, on the same beat.
+        let result = tokio::task::spawn_blocking(move || {
+            engine.refresh_capacity_metrics();
+            engine.health()
+        })
+        .await;
         let state = match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(NotReady::Unhealthy(message)),

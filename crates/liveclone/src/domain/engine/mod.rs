@@ -249,6 +249,23 @@ impl Engine {
         }
     }
 
+    /// Reads every device class's capacity into the metrics (if any); a
+    /// class that cannot answer is logged and marked down.
+    pub fn refresh_capacity_metrics(&self) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        for (class, pool) in self.classes.iter() {
+            match pool.capacity() {
+                Ok(capacity) => metrics.device_class_capacity(class.as_str(), Some(&capacity)),
+                Err(e) => {
+                    tracing::warn!(%class, "reading the capacity of {}: {e}", pool.describe());
+                    metrics.device_class_capacity(class.as_str(), None);
+                }
+            }
+        }
+    }
+
     /// Free bytes for new volumes of a device class (`None`: the default).
     pub fn available_capacity(&self, class: Option<&DeviceClassName>) -> DomainResult<u64> {
         Ok(self.classes.get(class)?.capacity()?.available_bytes)

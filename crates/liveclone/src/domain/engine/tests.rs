@@ -546,6 +546,9 @@ fn rig() -> Rig {
     Rig::new(true)
 }
 
+/// The rig's second device class (a file pool in its own folder).
+const OTHER_CLASS: &str = "other";
+
 fn vid(name: &str) -> VolumeId {
     VolumeId::for_name(name).expect("valid volume name")
 }
@@ -610,12 +613,18 @@ fn build_engine(fake: &FakeOs, faults: &Arc<Faults>, root: &Path, kubelet: &Path
     let state = root.join("state");
     let volumes = JsonDirStore::<VolumeRecord>::open(&state).expect("volume store");
     let snapshots = JsonDirStore::<SnapshotRecord>::open(&state).expect("snapshot store");
+    // A second class, outside the step counter (the crash matrices count
+    // the default class's steps), for clones between classes.
+    let other = FilePool::open(&root.join(OTHER_CLASS), os.clone()).expect("second pool");
+    let classes = DeviceClasses::single(Arc::new(SteppedPool {
+        inner: pool,
+        faults: Arc::clone(faults),
+    }))
+    .with(OTHER_CLASS.parse().expect("class name"), Arc::new(other))
+    .expect("two classes");
     Engine::new(
         os,
-        DeviceClasses::single(Arc::new(SteppedPool {
-            inner: pool,
-            faults: Arc::clone(faults),
-        })),
+        classes,
         Arc::new(SteppedStore {
             inner: volumes,
             faults: Arc::clone(faults),
@@ -653,6 +662,7 @@ impl Rig {
         let kubelet = root.join("kubelet");
         for folder in [
             root.join("pool"),
+            root.join(OTHER_CLASS),
             root.join("work"),
             kubelet.join("staging"),
         ] {
@@ -1602,6 +1612,133 @@ fn a_clone_of_a_volume_on_a_reflink_pool_hydrates_and_switches_to_linear() {
 #[test]
 fn a_clone_of_a_volume_on_a_pool_without_reflink_hydrates_and_switches_to_linear() {
     clone_of_a_volume_hydrates_and_switches(false);
+}
+
+/// A volume in one device class, its snapshot (an image in the same
+/// class), and a clone of that snapshot in the default class: the clone's
+/// data and metadata go to its own class, it reads the image from the
+/// other, and it ends an independent copy in its own class.
+#[test]
+fn a_clone_reads_its_source_from_another_device_class() {
+    let rig = Rig::new(false);
+    let other = FilePool::open(&rig.root.join(OTHER_CLASS), rig.fake.os()).expect("second pool");
+    let in_other = BTreeMap::from([(
+        crate::domain::sizing::DEVICE_CLASS_KEY.to_owned(),
+        OTHER_CLASS.to_owned(),
+    )]);
+    let request = |name: &str, source, parameters: &BTreeMap<String, String>| CreateVolume {
+        name: name.to_owned(),
+        capacity: CapacityRange {
+            required_bytes: SOURCE_BYTES,
+            limit_bytes: 0,
+        },
+        access: AccessKind::Block,
+        source,
+        parameters: parameters.clone(),
+    };
+
+    let unknown = BTreeMap::from([(
+        crate::domain::sizing::DEVICE_CLASS_KEY.to_owned(),
+        "missing".to_owned(),
+    )]);
+    let refused = rig
+        .engine
+        .create_volume(request("nowhere", None, &unknown))
+        .expect_err("a class the node lacks");
+    assert_eq!(refused.code, ErrorCode::InvalidArgument, "{refused}");
+    assert!(refused.message.contains("missing"), "{refused}");
+    assert!(rig.volumes.list().expect("records").is_empty());
+
+    let source = rig
+        .engine
+        .create_volume(request(SOURCE, None, &in_other))
+        .expect("a volume in the other class");
+    assert_eq!(
+        source.device_class.as_ref().map(|c| c.as_str()),
+        Some(OTHER_CLASS)
+    );
+    let source_data = Storage::Data {
+        volume: source.id.clone(),
+        generation: 0,
+    };
+    assert!(other.exists(&source_data).expect("exists"));
+    assert!(!rig.files.exists(&source_data).expect("exists"));
+    OpenOptions::new()
+        .write(true)
+        .open(other.path_of(&source_data))
+        .and_then(|file| {
+            file.write_all_at(&vec![0xa5; SOURCE_BYTES as usize], 0)?;
+            file.write_all_at(&pattern(SOURCE), PATTERN_OFFSET)
+        })
+        .expect("writing the source's data");
+
+    let snapshot = rig
+        .engine
+        .create_snapshot(SNAPSHOT, &source.id)
+        .expect("snapshot");
+    assert_eq!(
+        snapshot.device_class.as_ref().map(|c| c.as_str()),
+        Some(OTHER_CLASS)
+    );
+    let image = Storage::Image(snapshot.id.clone());
+    assert!(
+        other.exists(&image).expect("exists"),
+        "the image stays in its volume's class"
+    );
+
+    let clone = rig
+        .engine
+        .create_volume(request(
+            CLONE,
+            Some(ContentSource::Snapshot(snapshot.id.clone())),
+            &BTreeMap::new(),
+        ))
+        .expect("a clone into the default class");
+    assert_eq!(clone.device_class, None);
+    assert!(rig
+        .files
+        .exists(&Storage::Metadata(clone.id.clone()))
+        .expect("exists"));
+    assert!(!other
+        .exists(&Storage::Metadata(clone.id.clone()))
+        .expect("exists"));
+    // The clone's table reads the image through the other class's device.
+    let reading = other.attachments(&image).expect("attachments");
+    assert_eq!(reading.len(), 1, "{reading:?}");
+    assert!(reading[0].read_only);
+    let table = rig.table(&clone.id).to_string();
+    assert!(
+        table.contains(&format!("{}:{}", reading[0].major, reading[0].minor)),
+        "{table}"
+    );
+    rig.settle(&clone.id);
+    assert!(is_linear(&rig.table(&clone.id)));
+    assert!(
+        !rig.table(&clone.id)
+            .to_string()
+            .contains(&format!("{}:{}", reading[0].major, reading[0].minor)),
+        "the switched clone no longer reads the other class"
+    );
+    assert!(
+        other.exists(&image).expect("exists"),
+        "the user's snapshot is kept"
+    );
+
+    assert_eq!(
+        rig.engine
+            .available_capacity(Some(&OTHER_CLASS.parse().expect("class")))
+            .expect("capacity"),
+        other.capacity().expect("capacity").available_bytes
+    );
+    rig.engine.delete_volume(&clone.id).expect("delete clone");
+    rig.engine
+        .delete_snapshot(&snapshot.id)
+        .expect("delete snapshot");
+    rig.engine.delete_volume(&source.id).expect("delete source");
+    assert!(
+        other.list().expect("list").is_empty(),
+        "nothing left in the other class"
+    );
 }
 
 #[test]
