@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_common::{
-    create_namespace, install_crds, install_rbac_exactly, start, FakeNode, NODE_AGENT_RULES,
+    create_namespace, install_crds, install_rbac_exactly, start, FakeNode, CONTROLLER_AGENT_RULES,
+    NODE_AGENT_RULES,
 };
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -133,22 +134,7 @@ async fn the_controller_agent_waits_for_nodes_and_maps_their_answers() {
         &admin,
         "deploy/rbac/controller.yaml",
         "liveclone-controller",
-        &[
-            ("liveclone.io", "liveclonevolumes", "get"),
-            ("liveclone.io", "liveclonevolumes", "list"),
-            ("liveclone.io", "liveclonevolumes", "create"),
-            ("liveclone.io", "liveclonevolumes", "patch"),
-            ("liveclone.io", "liveclonevolumes", "delete"),
-            ("liveclone.io", "liveclonesnapshots", "get"),
-            ("liveclone.io", "liveclonesnapshots", "list"),
-            ("liveclone.io", "liveclonesnapshots", "create"),
-            ("liveclone.io", "liveclonesnapshots", "patch"),
-            ("liveclone.io", "liveclonesnapshots", "delete"),
-            ("liveclone.io", "volumehydrations", "get"),
-            ("liveclone.io", "volumehydrations", "create"),
-            ("liveclone.io", "volumehydrations", "patch"),
-            ("liveclone.io", "volumehydrations", "delete"),
-        ],
+        CONTROLLER_AGENT_RULES,
     )
     .await;
     install_rbac_exactly(

@@ -1,6 +1,7 @@
 //! The `liveclone` command line.
 
 pub mod crdgen;
+pub mod device_classes;
 pub mod hydration;
 pub mod serve;
 pub mod status;

@@ -33,9 +33,15 @@ pub struct ServeArgs {
     /// Where volume and snapshot records are kept (standalone state).
     #[arg(long, default_value = "/var/lib/liveclone/state")]
     pub state_dir: PathBuf,
-    /// The file pool: a folder on ext4 or xfs that holds volume data.
+    /// The file pool: a folder on ext4 or xfs that holds volume data
+    /// (device class `file`, the default class).
     #[arg(long, default_value = "/var/lib/liveclone/pool")]
     pub pool_dir: PathBuf,
+    /// A YAML file of LVM device classes (volume group, thin pool) that
+    /// StorageClasses choose with `liveclone.io/deviceClass`; see
+    /// docs/LVM.md.
+    #[arg(long, env = "LIVECLONE_DEVICE_CLASSES")]
+    pub device_classes: Option<PathBuf>,
     /// This node's name, reported in NodeGetInfo and topology (default:
     /// the host name).
     #[arg(long, env = "NODE_ID")]
@@ -84,6 +90,12 @@ pub struct ServeArgs {
     /// clone per this many seconds (phase changes are written at once).
     #[arg(long, default_value_t = 2.0)]
     pub status_interval_seconds: f64,
+    /// Kubernetes mode, node: seconds between publishes of the node's
+    /// LivecloneNode (its device classes' free space, which the controller
+    /// answers GetCapacity from; figures older than three of these count as
+    /// none).
+    #[arg(long, default_value_t = 30.0)]
+    pub capacity_interval_seconds: f64,
 }
 
 /// Which CSI services a process serves. Without `--kubernetes` every mode
@@ -150,7 +162,10 @@ pub fn build_engine(args: &ServeArgs, node_id: String, os: Os) -> anyhow::Result
         allowed_roots: AllowedRoots::new(args.allowed_mount_roots.clone()),
         max_volumes: args.max_volumes,
     };
-    let classes = DeviceClasses::single(Arc::new(pool));
+    let mut classes = DeviceClasses::single(Arc::new(pool));
+    if let Some(path) = &args.device_classes {
+        classes = super::device_classes::add_from_file(classes, path)?;
+    }
     Ok(Engine::new(os, classes, volumes, snapshots, config))
 }
 
@@ -182,6 +197,7 @@ pub async fn run(mode: Mode, args: ServeArgs, os: Os) -> anyhow::Result<()> {
             status_interval: seconds(args.status_interval_seconds, "status-interval-seconds")?,
             ..Default::default()
         },
+        capacity_interval: seconds(args.capacity_interval_seconds, "capacity-interval-seconds")?,
         ..Default::default()
     };
     let mut kube_client = if args.kubernetes {

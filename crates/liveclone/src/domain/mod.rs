@@ -8,6 +8,7 @@ pub mod human;
 pub mod hydration;
 pub mod ids;
 pub mod locks;
+pub mod lvm_pool;
 pub mod model;
 pub mod monitor;
 pub mod paths;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use super::{LivecloneSnapshot, LivecloneVolume, VolumeHydration};
+use super::{LivecloneNode, LivecloneSnapshot, LivecloneVolume, VolumeHydration};
 
 /// Folders (relative to the repository root) that hold the generated
 /// files; `make crds` rewrites both.
@@ -33,6 +33,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         VolumeHydration::crd(),
         LivecloneVolume::crd(),
         LivecloneSnapshot::crd(),
+        LivecloneNode::crd(),
     ]
 }
 
@@ -125,10 +126,11 @@ mod tests {
                 "volumehydrations.liveclone.io.yaml",
                 "liveclonevolumes.liveclone.io.yaml",
                 "liveclonesnapshots.liveclone.io.yaml",
+                "liveclonenodes.liveclone.io.yaml",
             ]
         );
         let stream = stream().expect("generating");
-        assert_eq!(stream.matches("\n---\n").count(), 2);
+        assert_eq!(stream.matches("\n---\n").count(), 3);
         assert_eq!(stream, super::stream().expect("generating again"));
     }
 
@@ -179,6 +181,7 @@ mod tests {
         for (crd, short) in [
             (LivecloneVolume::crd(), "lcvol"),
             (LivecloneSnapshot::crd(), "lcsnap"),
+            (LivecloneNode::crd(), "lcnode"),
         ] {
             let json = serde_json::to_value(crd).expect("serializes");
             assert_eq!(json["spec"]["scope"], "Cluster");
@@ -187,5 +190,25 @@ mod tests {
                 serde_json::json!([short])
             );
         }
+
+        // What `kubectl get lcnode` shows, and the per-class list merged by
+        // name.
+        let json = serde_json::to_value(LivecloneNode::crd()).expect("serializes");
+        let v = &json["spec"]["versions"][0];
+        assert_eq!(v["subresources"]["status"], serde_json::json!({}));
+        let columns: Vec<&str> = v["additionalPrinterColumns"]
+            .as_array()
+            .expect("columns")
+            .iter()
+            .map(|c| c["name"].as_str().expect("a name"))
+            .collect();
+        assert_eq!(columns, ["Classes", "Available", "Updated", "Age"]);
+        let classes =
+            &v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["deviceClasses"];
+        assert_eq!(classes["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            classes["x-kubernetes-list-map-keys"],
+            serde_json::json!(["name"])
+        );
     }
 }

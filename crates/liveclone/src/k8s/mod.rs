@@ -7,7 +7,10 @@
 //!   resume or tune a hydration.
 //! * [`volume`]: the cluster-scoped `LivecloneVolume` and `LivecloneSnapshot`,
 //!   the per-volume and per-snapshot state that the owning node reconciles.
-//! * [`crds`]: the CustomResourceDefinitions of all three, as written by
+//! * [`capacity`]: the cluster-scoped `LivecloneNode`, each node's device
+//!   classes and their free space, published by the node agent and read by
+//!   the controller agent for GetCapacity.
+//! * [`crds`]: the CustomResourceDefinitions of all four, as written by
 //!   `liveclone crdgen` into `deploy/crds/` and the chart.
 //! * [`node`]: the node agent's hydration reconciler, which makes the
 //!   VolumeHydrations of its node reflect and control its hydrations.
@@ -16,6 +19,7 @@
 //! columns and validation are derived from them, so the YAML can never say
 //! something the agents do not read.
 
+pub mod capacity;
 pub mod controller;
 pub mod crds;
 pub mod hydration;
@@ -26,6 +30,7 @@ pub mod volume;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
+pub use capacity::{DeviceClassStatus, LivecloneNode, LivecloneNodeSpec, LivecloneNodeStatus};
 pub use hydration::{
     HydrationDestination, HydrationSource, HydrationTunablesSpec, SourceKind, VolumeHydration,
     VolumeHydrationSpec, VolumeHydrationStatus,
@@ -43,7 +48,7 @@ pub const GROUP: &str = "liveclone.io";
 pub const VERSION: &str = "v1alpha1";
 
 /// Field manager of the node agent's server-side applies (status of the
-/// volumes, snapshots and hydrations it owns). Distinct managers make
+/// volumes, snapshots and hydrations it owns, and its LivecloneNode). Distinct managers make
 /// `managedFields` say which agent wrote what.
 pub const NODE_FIELD_MANAGER: &str = "liveclone-node";
 /// Field manager of the controller agent's server-side applies (specs).
@@ -149,6 +154,8 @@ mod tests {
         assert_eq!(LivecloneVolume::version(&()), VERSION);
         assert_eq!(LivecloneSnapshot::group(&()), GROUP);
         assert_eq!(LivecloneSnapshot::version(&()), VERSION);
+        assert_eq!(LivecloneNode::group(&()), GROUP);
+        assert_eq!(LivecloneNode::version(&()), VERSION);
     }
 
     #[test]

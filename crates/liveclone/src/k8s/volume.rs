@@ -15,8 +15,9 @@ use super::schema;
 use crate::domain::model::{AccessKind, ContentSource, VolumeState};
 use crate::os::fs::FsType;
 
-/// The pool a volume's storage comes from when the StorageClass names none.
-pub const DEFAULT_POOL: &str = "file";
+/// The device class a volume's storage comes from when the StorageClass
+/// names none.
+pub const DEFAULT_POOL: &str = crate::domain::device_class::DEFAULT_CLASS;
 
 fn default_pool() -> String {
     DEFAULT_POOL.to_owned()
@@ -125,7 +126,8 @@ pub struct LivecloneVolumeSpec {
     /// a clone goes and what it names as its source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<ObjectName>,
-    /// The node's storage pool that holds the volume.
+    /// The node's device class that holds the volume (the StorageClass's
+    /// `liveclone.io/deviceClass`, `file` without it).
     #[serde(default = "default_pool")]
     #[schemars(length(min = 1, max = schema::NAMESPACE_MAX))]
     pub pool: String,

@@ -9,6 +9,7 @@ pub mod fake;
 pub mod fs;
 pub mod kernel;
 pub mod loopdev;
+pub mod lvm;
 
 use std::sync::Arc;
 

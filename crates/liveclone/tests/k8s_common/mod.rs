@@ -175,6 +175,30 @@ pub const NODE_AGENT_RULES: &[(&str, &str, &str)] = &[
     ("events.k8s.io", "events", "create"),
     ("events.k8s.io", "events", "patch"),
     ("", "persistentvolumeclaims", "get"),
+    ("liveclone.io", "liveclonenodes", "create"),
+    ("liveclone.io", "liveclonenodes", "patch"),
+    ("liveclone.io", "liveclonenodes/status", "patch"),
+];
+
+/// What the controller agent's ClusterRole (`liveclone-controller` in
+/// deploy/rbac/controller.yaml) must grant, no more.
+pub const CONTROLLER_AGENT_RULES: &[(&str, &str, &str)] = &[
+    ("liveclone.io", "liveclonevolumes", "get"),
+    ("liveclone.io", "liveclonevolumes", "list"),
+    ("liveclone.io", "liveclonevolumes", "create"),
+    ("liveclone.io", "liveclonevolumes", "patch"),
+    ("liveclone.io", "liveclonevolumes", "delete"),
+    ("liveclone.io", "liveclonesnapshots", "get"),
+    ("liveclone.io", "liveclonesnapshots", "list"),
+    ("liveclone.io", "liveclonesnapshots", "create"),
+    ("liveclone.io", "liveclonesnapshots", "patch"),
+    ("liveclone.io", "liveclonesnapshots", "delete"),
+    ("liveclone.io", "volumehydrations", "get"),
+    ("liveclone.io", "volumehydrations", "create"),
+    ("liveclone.io", "volumehydrations", "patch"),
+    ("liveclone.io", "volumehydrations", "delete"),
+    ("liveclone.io", "liveclonenodes", "get"),
+    ("liveclone.io", "liveclonenodes", "list"),
 ];
 
 pub async fn install_rbac_exactly(

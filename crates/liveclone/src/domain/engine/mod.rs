@@ -72,6 +72,10 @@ pub struct Engine {
     progress: Mutex<BTreeMap<VolumeId, Progress>>,
     /// Where published progress is also recorded, if anywhere.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Kept images (snapshots the CO still has) already detached since
+    /// they last had a reader: `collect_images` runs every monitor round,
+    /// and asking an LVM pool whether an LV is active costs a process.
+    idle_images: Mutex<std::collections::BTreeSet<SnapshotId>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -107,6 +111,7 @@ impl Engine {
             config,
             progress: Mutex::new(BTreeMap::new()),
             metrics: None,
+            idle_images: Mutex::new(Default::default()),
         }
     }
 

@@ -269,6 +269,13 @@ impl Engine {
         Ok(())
     }
 
+    fn idle_images_set(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<SnapshotId>> {
+        // Plain set updates cannot be left half done by a panic.
+        self.idle_images
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn has_dependents(&self, id: &SnapshotId) -> DomainResult<bool> {
         Ok(self
             .volumes
@@ -298,7 +305,10 @@ impl Engine {
             }
             match self.has_dependents(&snapshot.id) {
                 Ok(false) => {}
-                Ok(true) => continue,
+                Ok(true) => {
+                    self.idle_images_set().remove(&snapshot.id);
+                    continue;
+                }
                 Err(e) => {
                     warn!("checking the clones of {}: {e}", snapshot.id);
                     continue;
@@ -310,9 +320,14 @@ impl Engine {
                     .and_then(|pool| pool.remove(&image))
                     .and_then(|()| Ok(self.snapshots.remove(&snapshot.id)?))
                     .map(|()| info!(snapshot = %snapshot.id, "image released"))
+            } else if self.idle_images_set().contains(&snapshot.id) {
+                Ok(())
             } else {
                 self.image_pool(&snapshot)
                     .and_then(|pool| pool.detach(&image))
+                    .map(|()| {
+                        self.idle_images_set().insert(snapshot.id.clone());
+                    })
             };
             if let Err(e) = result {
                 warn!(snapshot = %snapshot.id, "releasing the image: {e}");

@@ -17,6 +17,11 @@
 //! of the CO's preferred topologies (the scheduler's choice, with
 //! WaitForFirstConsumer), else of its requisite ones.
 //!
+//! GetCapacity reads the LivecloneNode that each node agent publishes (its
+//! device classes and their free space): the named class's
+//! `availableBytes` on the topology's node, 0 when the node has no such
+//! class, no LivecloneNode, or one older than three publish intervals.
+//!
 //! No leader election: the agent has no work of its own. It only answers
 //! the calls of the sidecars in its own pod, and those elect a leader among
 //! the replicas; every call is an idempotent apply of a whole spec and a
@@ -34,6 +39,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use super::capacity::{self, LivecloneNode};
 use super::hydration::{HydrationDestination, HydrationSource, SourceKind, VolumeHydrationSpec};
 use super::volume::{
     LivecloneSnapshot, LivecloneSnapshotSpec, LivecloneVolume, LivecloneVolumeSpec,
@@ -43,6 +49,7 @@ use super::{
     node_label_value, ObjectName, VolumeHydration, CONTROLLER_FIELD_MANAGER, NODE_LABEL,
     READY_CONDITION, STORAGE_FINALIZER,
 };
+use crate::domain::device_class::DeviceClassName;
 use crate::domain::engine::{CapacityRange, CreateVolume};
 use crate::domain::error::{DomainError, DomainResult, ErrorCode};
 use crate::domain::ids::{SnapshotId, VolumeId};
@@ -458,10 +465,10 @@ struct SourceFacts {
 #[async_trait::async_trait]
 impl Provisioner for KubeProvisioner {
     fn reports_capacity(&self) -> bool {
-        // Capacity is per node and only the nodes know it; they do not
-        // publish it yet, so GET_CAPACITY is not offered (the chart's
-        // CSIDriver sets storageCapacity: false).
-        false
+        // Capacity is per node and only the nodes can measure it; each node
+        // agent publishes its classes' free space in its LivecloneNode,
+        // which GetCapacity reads.
+        true
     }
 
     async fn source_access(&self, source: &ContentSource) -> DomainResult<Option<AccessKind>> {
@@ -493,6 +500,8 @@ impl Provisioner for KubeProvisioner {
             .map_err(|e| DomainError::invalid_argument(format!("volume name: {e}")))?;
         // Refused here, before anything is written, rather than by the node.
         parse_parameters(&request.parameters)
+            .map_err(|e| DomainError::invalid_argument(format!("parameters: {e}")))?;
+        let device_class = crate::domain::sizing::device_class_parameter(&request.parameters)
             .map_err(|e| DomainError::invalid_argument(format!("parameters: {e}")))?;
         let source = match &request.source {
             Some(source) => Some(self.source_facts(source).await?),
@@ -540,7 +549,9 @@ impl Provisioner for KubeProvisioner {
                 .map(|(key, value)| (key.clone(), value.clone()))
                 .collect(),
             claim: metadata.claim.as_ref().map(object_name),
-            pool: DEFAULT_POOL.to_owned(),
+            // What the node will use, from the same parameter, for
+            // `kubectl get lcvol -o wide`.
+            pool: device_class.map_or_else(|| DEFAULT_POOL.to_owned(), |class| class.to_string()),
         };
         if let Some(object) = &existing {
             let same = LivecloneVolumeSpec {
@@ -671,14 +682,44 @@ impl Provisioner for KubeProvisioner {
         Ok(volumes)
     }
 
+    /// From the LivecloneNodes the node agents publish (see
+    /// [`capacity::available_bytes`]: 0 for a class the node lacks, a node
+    /// without one, or stale figures).
     async fn available_capacity(
         &self,
-        _node: Option<&str>,
-        _class: Option<&crate::domain::device_class::DeviceClassName>,
+        node: Option<&str>,
+        class: Option<&DeviceClassName>,
     ) -> DomainResult<u64> {
-        Err(DomainError::failed_precondition(
-            "GetCapacity is not offered in Kubernetes mode yet",
-        ))
+        let now = super::now().0;
+        let api: Api<LivecloneNode> = Api::all(self.client.clone());
+        match node {
+            Some(node) => {
+                // A topology value that cannot name an object names no node
+                // of ours (and must not go into a request path).
+                if !capacity::is_object_name(node) {
+                    return Ok(0);
+                }
+                Ok(read(&api, node)
+                    .await?
+                    .map_or(0, |object| capacity::available_bytes(&object, class, now)))
+            }
+            // No topology: the largest room on any one node, not the sum.
+            // A volume lives on a single node, so the sum would promise a
+            // volume that no node can hold, while the largest is what the
+            // biggest new volume can actually get.
+            None => {
+                let list = api
+                    .list(&Default::default())
+                    .await
+                    .map_err(|e| api_error("listing LivecloneNodes", e))?;
+                Ok(list
+                    .items
+                    .iter()
+                    .map(|object| capacity::available_bytes(object, class, now))
+                    .max()
+                    .unwrap_or(0))
+            }
+        }
     }
 
     async fn expand_volume(

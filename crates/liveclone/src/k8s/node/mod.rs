@@ -1,6 +1,6 @@
 //! The node agent: the part of `liveclone node` in Kubernetes mode that
 //! acts on this node's custom resources. [`run_agent`] runs its three
-//! reconcilers side by side until shutdown:
+//! reconcilers and its capacity publisher side by side until shutdown:
 //!
 //! * **LivecloneVolume** (`volumes`): makes the volume of every object
 //!   labelled for this node (`engine.create_volume` from the spec, which is
@@ -32,6 +32,12 @@
 //!   still staged) keeps the finalizer, shows the message and is retried
 //!   with the doubling delay.
 //! * **VolumeHydration** (the hydration reconciler, below).
+//! * **LivecloneNode** (`capacity`): the node's own object, named by the
+//!   node, whose status lists the engine's device classes with their size
+//!   and free space (an error message and nothing free for a pool that
+//!   cannot be measured); applied at start and then every
+//!   [`NodeAgentConfig::capacity_interval`], for the controller agent's
+//!   GetCapacity.
 //!
 //! Every status is written only when it differs from the object's, so a
 //! settled object costs one record read per period and no writes; and a
@@ -100,8 +106,10 @@
 //! `liveclonevolumes` and `liveclonesnapshots`; patch the status of all
 //! three; patch `liveclonevolumes` and `liveclonesnapshots` (the finalizer);
 //! create and patch `events.k8s.io` events; get `persistentvolumeclaims` (a
-//! claim's UID, for its Events).
+//! claim's UID, for its Events); create and patch `liveclonenodes` and
+//! patch `liveclonenodes/status` (its own LivecloneNode).
 
+mod capacity;
 mod events;
 mod metrics;
 mod objects;
@@ -117,6 +125,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+pub use capacity::{CapacityPublisher, PublishError};
 pub use events::REPORTING_CONTROLLER;
 pub use metrics::{AgentMetrics, StorageMetrics};
 pub use objects::{reason, ABNORMAL_CONDITION};
@@ -233,6 +242,11 @@ pub struct NodeAgentConfig {
     /// doubles with every failure in a row, up to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// How often the node's LivecloneNode (its classes' capacity) is
+    /// published. Readers take figures older than
+    /// [`STALE_AFTER_INTERVALS`](crate::k8s::capacity::STALE_AFTER_INTERVALS)
+    /// of these for stale.
+    pub capacity_interval: Duration,
 }
 
 impl Default for NodeAgentConfig {
@@ -242,6 +256,7 @@ impl Default for NodeAgentConfig {
             resync_interval: Duration::from_secs(5),
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
+            capacity_interval: crate::k8s::capacity::DEFAULT_PUBLISH_INTERVAL,
         }
     }
 }
@@ -252,6 +267,7 @@ pub struct NodeAgent {
     hydrations: HydrationAgent,
     volumes: Arc<storage::Context>,
     snapshots: Arc<storage::Context>,
+    capacity: CapacityPublisher,
 }
 
 impl NodeAgent {
@@ -282,6 +298,12 @@ impl NodeAgent {
                 node.clone(),
                 config.hydrations.clone(),
             ),
+            capacity: CapacityPublisher::new(
+                client.clone(),
+                Arc::clone(&engine),
+                node.clone(),
+                config.capacity_interval,
+            ),
         }
     }
 
@@ -297,11 +319,13 @@ impl NodeAgent {
         Arc::clone(&self.snapshots.metrics)
     }
 
-    /// Runs the three reconcilers until `shutdown` turns true (or its
-    /// sender is dropped); work in progress then finishes first.
+    /// Runs the three reconcilers and the capacity publisher until
+    /// `shutdown` turns true (or its sender is dropped); work in progress
+    /// then finishes first.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         tokio::join!(
             self.hydrations.run(shutdown.clone()),
+            self.capacity.run(shutdown.clone()),
             storage::run(
                 "LivecloneVolume",
                 self.volumes,
@@ -318,8 +342,8 @@ impl NodeAgent {
     }
 }
 
-/// Runs the node agent of node `node` (volumes, snapshots, hydrations)
-/// until `shutdown` turns true.
+/// Runs the node agent of node `node` (volumes, snapshots, hydrations,
+/// its LivecloneNode) until `shutdown` turns true.
 ///
 /// Meant to be started by `liveclone node` in Kubernetes mode, after the
 /// engine's recovery (so that every volume of the node is re-adopted) and
