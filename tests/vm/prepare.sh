@@ -35,7 +35,7 @@ mkdir -p "$CACHE_ROOT"
 HOST_PACKAGES=(
     qemu-system-x86 busybox-static kmod cpio gzip xz-utils
     build-essential bc flex bison libelf-dev libssl-dev
-    dmsetup e2fsprogs xfsprogs util-linux lvm2 iproute2
+    dmsetup e2fsprogs xfsprogs util-linux lvm2 thin-provisioning-tools iproute2
 )
 
 APT_LIB_NAME=vm-prepare
