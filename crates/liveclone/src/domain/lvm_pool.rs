@@ -44,6 +44,12 @@ use crate::os::lvm::{LogicalVolume, LvType, Lvm, LvmError, LvmErrorKind, ThinPoo
 pub const TAG: &str = "liveclone";
 const CLASS_TAG_PREFIX: &str = "liveclone.io/class=";
 const KIND_TAG_PREFIX: &str = "liveclone.io/kind=";
+/// The ID the LV belongs to, so that `lvs -o lv_name,lv_tags` (or `lvs
+/// @liveclone.io/volume=<id>`) answers "which LVs are this volume's" from
+/// LVM alone: a volume's data generations and metadata, or a snapshot's
+/// image.
+const VOLUME_TAG_PREFIX: &str = "liveclone.io/volume=";
+const SNAPSHOT_TAG_PREFIX: &str = "liveclone.io/snapshot=";
 const DATA_SUFFIX: &str = "_g";
 const METADATA_SUFFIX: &str = "_meta";
 
@@ -208,6 +214,15 @@ fn kind_tag(item: &Storage) -> String {
     format!("{KIND_TAG_PREFIX}{}", kind_of(item))
 }
 
+fn id_tag(item: &Storage) -> String {
+    match item {
+        Storage::Data { volume, .. } | Storage::Metadata(volume) => {
+            format!("{VOLUME_TAG_PREFIX}{volume}")
+        }
+        Storage::Image(snapshot) => format!("{SNAPSHOT_TAG_PREFIX}{snapshot}"),
+    }
+}
+
 impl From<LvmError> for DomainError {
     /// Codes for the LVM failures a caller can act on. A missing VG or LV
     /// at this level is a broken class, not an answer (the pool asks for
@@ -329,7 +344,12 @@ impl LvmPool {
 
     /// The tags of an item's LV.
     fn tags(&self, item: &Storage) -> Vec<String> {
-        vec![TAG.to_owned(), self.class_tag.clone(), kind_tag(item)]
+        vec![
+            TAG.to_owned(),
+            self.class_tag.clone(),
+            kind_tag(item),
+            id_tag(item),
+        ]
     }
 
     fn full_name(&self, item: &Storage) -> String {
@@ -744,7 +764,8 @@ impl Pool for LvmPool {
         Ok(true)
     }
 
-    /// lvrename, then the kind tag follows the new name.
+    /// lvrename alone; the tags follow in [`Pool::relabel`], outside the
+    /// cut's suspended window (one LVM command less while I/O is held).
     fn rename(&self, from: &Storage, to: &Storage) -> DomainResult<()> {
         let lv = self.require(from)?;
         let name = lv_name(to);
@@ -756,11 +777,34 @@ impl Pool for LvmPool {
             )));
         }
         self.lvm.rename(&self.vg, &lv.name, &name)?;
-        let (old, new) = (kind_tag(from), kind_tag(to));
-        if old != new {
-            self.lvm.change_tags(&self.vg, &name, &[new], &[old])?;
-        }
         Ok(())
+    }
+
+    /// Sets the kind and ID tags to what the LV's name says it is, dropping
+    /// the ones it had under its old name.
+    fn relabel(&self, item: &Storage) -> DomainResult<()> {
+        let lv = self.require(item)?;
+        let wanted = [kind_tag(item), id_tag(item)];
+        let add: Vec<String> = wanted
+            .iter()
+            .filter(|tag| !lv.has_tag(tag))
+            .cloned()
+            .collect();
+        let remove: Vec<String> = lv
+            .tags
+            .iter()
+            .filter(|tag| {
+                [KIND_TAG_PREFIX, VOLUME_TAG_PREFIX, SNAPSHOT_TAG_PREFIX]
+                    .iter()
+                    .any(|prefix| tag.starts_with(prefix))
+                    && !wanted.contains(tag)
+            })
+            .cloned()
+            .collect();
+        if add.is_empty() && remove.is_empty() {
+            return Ok(());
+        }
+        Ok(self.lvm.change_tags(&self.vg, &lv.name, &add, &remove)?)
     }
 
     fn list(&self) -> DomainResult<Vec<Storage>> {
@@ -983,7 +1027,8 @@ mod tests {
             [
                 "liveclone",
                 "liveclone.io/class=slow",
-                "liveclone.io/kind=data"
+                "liveclone.io/kind=data",
+                &format!("liveclone.io/volume={}", volume(1)),
             ]
         );
         assert_eq!(lv.lv_type, LvType::Plain);
@@ -1251,11 +1296,28 @@ mod tests {
             (before.major, before.minor)
         );
         assert!(after[0].read_only, "an image's device is read-only");
-        let lv = lvm
-            .logical_volume("vg0", &lv_name(&image))
-            .expect("reads")
-            .expect("exists");
+        let tags_of = |item: &Storage| {
+            lvm.logical_volume("vg0", &lv_name(item))
+                .expect("reads")
+                .expect("exists")
+        };
+        // The rename is the name alone (it runs while a volume is
+        // suspended); the tags follow in relabel.
+        assert!(tags_of(&image).has_tag("liveclone.io/kind=data"));
+        pool.relabel(&image).expect("relabelled");
+        let lv = tags_of(&image);
         assert!(lv.has_tag("liveclone.io/kind=image") && !lv.has_tag("liveclone.io/kind=data"));
+        let Storage::Image(snapshot_id) = &image else {
+            unreachable!("an image")
+        };
+        assert!(lv.has_tag(&format!("liveclone.io/snapshot={snapshot_id}")));
+        assert!(!lv
+            .tags
+            .iter()
+            .any(|tag| tag.starts_with("liveclone.io/volume=")));
+        let calls = lvm.calls().len();
+        pool.relabel(&image).expect("again");
+        assert_eq!(lvm.calls().len(), calls + 1, "a second relabel only reads");
         assert_eq!(pool.list().expect("lists"), vec![image]);
     }
 

@@ -109,8 +109,17 @@ pub trait Pool: Send + Sync {
     /// Makes `to` an instant copy of `from` sharing its blocks. `Ok(false)`
     /// when the pool cannot (the caller then cuts by redirect).
     fn clone_instant(&self, from: &Storage, to: &Storage) -> DomainResult<bool>;
-    /// Renames storage atomically; attached devices keep working.
+    /// Renames storage atomically; attached devices keep working. Only the
+    /// name: a redirect cut renames while its volume is suspended, so
+    /// anything slower waits for [`Pool::relabel`].
     fn rename(&self, from: &Storage, to: &Storage) -> DomainResult<()>;
+    /// Brings what the pool keeps about renamed storage beyond its name
+    /// (an LV's tags) in line with what it now is. Called after the cut's
+    /// suspended window, and again by a retry; names stay the truth, so a
+    /// crash before it misleads nothing. Nothing to do by default.
+    fn relabel(&self, _item: &Storage) -> DomainResult<()> {
+        Ok(())
+    }
     /// Everything in the pool, for finding leftovers.
     fn list(&self) -> DomainResult<Vec<Storage>>;
 }

@@ -212,6 +212,7 @@ impl Engine {
             }
             cut.release()?;
         }
+        pool.relabel(&image)?;
         if self.ensure_device(&volume)? == DeviceOutcome::AlreadySwitched {
             self.finish_switch(volume)?;
             return Ok(());

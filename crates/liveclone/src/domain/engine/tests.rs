@@ -456,6 +456,10 @@ impl Pool for SteppedPool {
         self.enter("rename", format_args!("{from} -> {to}"))?;
         self.inner.rename(from, to)
     }
+    fn relabel(&self, item: &Storage) -> DomainResult<()> {
+        self.enter("relabel", item)?;
+        self.inner.relabel(item)
+    }
     fn list(&self) -> DomainResult<Vec<Storage>> {
         self.enter("list", "")?;
         self.inner.list()
