@@ -671,13 +671,13 @@ fn real_ext4_format_mount_trim_freeze_grow_bind_and_usage() {
             .kind,
         OsErrorKind::NotFound
     );
-    fs.mkfs(device.path(), FsType::Ext4).expect("mkfs.ext4");
+    fs.mkfs(device.path(), FsType::Ext4, true).expect("mkfs.ext4");
     assert_eq!(
         fs.probe(device.path()).expect("probe").as_deref(),
         Some("ext4")
     );
     assert!(
-        fs.mkfs(device.path(), FsType::Ext4).is_err(),
+        fs.mkfs(device.path(), FsType::Ext4, true).is_err(),
         "mkfs refuses a device that is not blank"
     );
     let uuid = blkid_uuid(device.path());
@@ -879,7 +879,7 @@ fn real_xfs_reflink_grow_and_new_uuid_after_an_unclean_stop() {
     // mkfs.xfs refuses devices under 300 MiB. Sparse: little is written.
     let image = sparse_file(&dir.path().join("xfs.img"), 320 * MIB);
     let device = LoopGuard::attach(&image, RW_DIRECT);
-    fs.mkfs(device.path(), FsType::Xfs).expect("mkfs.xfs");
+    fs.mkfs(device.path(), FsType::Xfs, true).expect("mkfs.xfs");
     assert_eq!(
         fs.probe(device.path()).expect("probe").as_deref(),
         Some("xfs")

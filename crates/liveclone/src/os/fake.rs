@@ -1384,7 +1384,7 @@ impl Filesystems for FakeOs {
         Ok(state.signature_of(resolved.id).map(|s| s.fs.clone()))
     }
 
-    fn mkfs(&self, device: &Path, fs: FsType) -> OsResult<()> {
+    fn mkfs(&self, device: &Path, fs: FsType, _reads_zeros: bool) -> OsResult<()> {
         let mut state = self.lock();
         let call = state.begin("fs.mkfs", format_args!("{} {fs}", device.display()))?;
         let resolved = Self::resolve_device(&state, &call, device)?;
@@ -1893,7 +1893,7 @@ mod tests {
             // mkfs needs a writable device: format through a second loop.
             let writable = self.attach(&source_file, false);
             self.fake
-                .mkfs(&writable.device, FsType::Ext4)
+                .mkfs(&writable.device, FsType::Ext4, true)
                 .expect("mkfs source");
             self.fake.detach(&writable.device).expect("detach");
             Devices {
@@ -2068,7 +2068,8 @@ mod tests {
         let error = fake.detach(&backing.device).expect_err("under a table");
         assert_eq!(error.kind, OsErrorKind::Busy);
 
-        fake.mkfs(&name.mapper_path(), FsType::Ext4).expect("mkfs");
+        fake.mkfs(&name.mapper_path(), FsType::Ext4, true)
+            .expect("mkfs");
         let target = bench.dir("mnt");
         fake.mount(&name.mapper_path(), &target, FsType::Ext4, &[])
             .expect("mount");
@@ -2501,7 +2502,9 @@ mod tests {
         assert!(!info.read_only);
         assert_eq!(fake.mounts_of(DM_MAJOR, 0).expect("mounts_of"), vec![info]);
         assert_eq!(
-            fake.mkfs(&mapper, FsType::Ext4).expect_err("mounted").kind,
+            fake.mkfs(&mapper, FsType::Ext4, true)
+                .expect_err("mounted")
+                .kind,
             OsErrorKind::Busy
         );
 
@@ -2564,7 +2567,7 @@ mod tests {
         )
         .expect("create");
         let mapper = name.mapper_path();
-        fake.mkfs(&mapper, FsType::Ext4).expect("mkfs");
+        fake.mkfs(&mapper, FsType::Ext4, true).expect("mkfs");
         let staging = bench.dir("staging");
         fake.mount(&mapper, &staging, FsType::Ext4, &[])
             .expect("mount");
@@ -2626,7 +2629,7 @@ mod tests {
             .and_then(|f| f.write_all_at(b"payload", 0))
             .expect("write");
         let device = bench.attach(&original, false);
-        fake.mkfs(&device.device, FsType::Xfs).expect("mkfs");
+        fake.mkfs(&device.device, FsType::Xfs, true).expect("mkfs");
 
         let copy = bench.path("copy");
         fake.reflink(&original, &copy).expect("reflink");

@@ -138,8 +138,14 @@ impl Engine {
         let device = Self::device_path(&record);
         match self.os.fs.probe(&device)? {
             None => {
-                info!("formatting {fs}");
-                self.os.fs.mkfs(&device, fs)?;
+                // A clone reads like its source, which may not read zeros
+                // where it was never written (a blank thick LV): only a
+                // new volume in a pool whose new storage reads zeros is
+                // known to read zeros everywhere.
+                let reads_zeros = record.content_source.is_none()
+                    && self.pool_of(&record)?.fresh_storage_reads_zeros();
+                info!(reads_zeros, "formatting {fs}");
+                self.os.fs.mkfs(&device, fs, reads_zeros)?;
             }
             Some(found) if found == fs.to_string() => {}
             Some(found) => {

@@ -296,9 +296,9 @@ impl Filesystems for SteppedOs {
         self.enter("fs.probe", device.display())?;
         self.fake.probe(device)
     }
-    fn mkfs(&self, device: &Path, fs: FsType) -> OsResult<()> {
+    fn mkfs(&self, device: &Path, fs: FsType, reads_zeros: bool) -> OsResult<()> {
         self.enter("fs.mkfs", device.display())?;
-        self.fake.mkfs(device, fs)
+        self.fake.mkfs(device, fs, reads_zeros)
     }
     fn mount(&self, device: &Path, target: &Path, fs: FsType, options: &[String]) -> OsResult<()> {
         self.enter("fs.mount", target.display())?;

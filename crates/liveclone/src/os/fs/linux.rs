@@ -210,7 +210,7 @@ impl Filesystems for LinuxFilesystems {
         }))
     }
 
-    fn mkfs(&self, device: &Path, fs: FsType) -> OsResult<()> {
+    fn mkfs(&self, device: &Path, fs: FsType, reads_zeros: bool) -> OsResult<()> {
         if let Some(found) = self.probe(device)? {
             return Err(OsError::new(
                 OsErrorKind::Failed,
@@ -219,13 +219,18 @@ impl Filesystems for LinuxFilesystems {
             ));
         }
         let command = match fs {
-            // See `Filesystems::mkfs`: the device reads zeros, so no inode
-            // table needs zeroing (e2fsprogs 1.47+; also skips the discard).
-            FsType::Ext4 => ToolCommand::new("mkfs.ext4", LONG_TIMEOUT).args([
+            // See `Filesystems::mkfs`: on a device that reads zeros no
+            // inode table needs zeroing (e2fsprogs 1.47+; also skips the
+            // discard). Otherwise ext4's defaults: lazy inode table
+            // initialisation, zeroed by the kernel after mounting.
+            FsType::Ext4 if reads_zeros => ToolCommand::new("mkfs.ext4", LONG_TIMEOUT).args([
                 "-q",
                 "-E",
                 "assume_storage_prezeroed=1",
             ]),
+            FsType::Ext4 => ToolCommand::new("mkfs.ext4", LONG_TIMEOUT).arg("-q"),
+            // xfs allocates and initialises its inodes as it goes and
+            // never takes unwritten blocks for metadata.
             FsType::Xfs => ToolCommand::new("mkfs.xfs", LONG_TIMEOUT).arg("-q"),
         };
         command.arg(device).run().map(drop)

@@ -82,13 +82,14 @@ pub trait Filesystems: Send + Sync {
     /// The file system on `device` per blkid, `None` when blank. An
     /// unrecognised signature is `Some(name)` so nothing formats over data.
     fn probe(&self, device: &Path) -> OsResult<Option<String>>;
-    /// Formats a blank device. The device must read zeros everywhere: the
-    /// driver only formats volumes nothing has written (new sparse files,
-    /// or clones of such images), so ext4 can mark its inode tables as
-    /// initialised instead of leaving a kernel thread to write zeros over
-    /// all of them (1 GiB for 64 GiB) after the first mount, which every
-    /// clone would then copy.
-    fn mkfs(&self, device: &Path, fs: FsType) -> OsResult<()>;
+    /// Formats a blank device. `reads_zeros`: the device reads zeros
+    /// everywhere (a new sparse file, a new thin LV), so ext4 can mark its
+    /// inode tables as initialised instead of leaving a kernel thread to
+    /// write zeros over all of them (1 GiB for 64 GiB) after the first
+    /// mount, which every clone would then copy. Without it (a thick LV
+    /// keeps old disk content) ext4 must not assume zeros: stale bytes in
+    /// an inode table taken as initialised would be read as inodes.
+    fn mkfs(&self, device: &Path, fs: FsType, reads_zeros: bool) -> OsResult<()>;
     /// mount(2) of `device` on `target` with `options` (each validated by
     /// the caller: generic ones become flags, the rest the data string).
     fn mount(&self, device: &Path, target: &Path, fs: FsType, options: &[String]) -> OsResult<()>;
