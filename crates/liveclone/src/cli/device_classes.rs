@@ -26,6 +26,7 @@ use serde::Deserialize;
 
 use crate::domain::device_class::{DeviceClassName, DeviceClasses};
 use crate::domain::lvm_pool::{LvmClassConfig, LvmPool};
+use crate::os::lvm::cache::CachingLvm;
 use crate::os::lvm::{LinuxLvm, Lvm};
 
 #[derive(Debug, Deserialize)]
@@ -63,7 +64,9 @@ pub fn add_from_file(classes: DeviceClasses, path: &Path) -> anyhow::Result<Devi
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading --device-classes {}", path.display()))?;
     let entries = parse(&text).with_context(|| format!("in {}", path.display()))?;
-    let lvm: Arc<dyn Lvm> = Arc::new(LinuxLvm::new());
+    // One handle for every class, so that classes sharing a volume group
+    // share its report too.
+    let lvm: Arc<dyn Lvm> = Arc::new(CachingLvm::new(Arc::new(LinuxLvm::new())));
     let mut classes = classes;
     for entry in entries {
         let pool = LvmPool::open(entry.name.as_str(), &entry.lvm, Arc::clone(&lvm))
@@ -92,10 +95,19 @@ mod tests {
     #[test]
     fn refuses_typos_bad_names_and_the_file_class() {
         for (text, why) in [
-            ("deviceClasses:\n  - name: a\n    lvm:\n      volumeGrup: vg0\n", "unknown key"),
+            (
+                "deviceClasses:\n  - name: a\n    lvm:\n      volumeGrup: vg0\n",
+                "unknown key",
+            ),
             ("deviceClass:\n  - name: a\n", "unknown top-level key"),
-            ("deviceClasses:\n  - name: Fast\n    lvm:\n      volumeGroup: vg0\n", "bad name"),
-            ("deviceClasses:\n  - name: file\n    lvm:\n      volumeGroup: vg0\n", "the file class"),
+            (
+                "deviceClasses:\n  - name: Fast\n    lvm:\n      volumeGroup: vg0\n",
+                "bad name",
+            ),
+            (
+                "deviceClasses:\n  - name: file\n    lvm:\n      volumeGroup: vg0\n",
+                "the file class",
+            ),
             ("deviceClasses:\n  - name: a\n", "no pool"),
         ] {
             assert!(parse(text).is_err(), "{why}: {text}");

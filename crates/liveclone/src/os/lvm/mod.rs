@@ -15,6 +15,7 @@
 //! [`fake::FakeLvm`] is an in-memory stand-in for unit tests on hosts
 //! without device-mapper.
 
+pub mod cache;
 pub mod fake;
 pub mod report;
 pub mod zero;
