@@ -176,13 +176,24 @@ impl Engine {
     pub(super) fn quiesce(&self, record: &VolumeRecord) -> DomainResult<Quiesced<'_>> {
         let name = dm_name(&record.id);
         if self.os.dm.info(&name)?.is_none() {
-            return Err(DomainError::internal(format!("device {name} is missing")));
+            // Recovery after a reboot finishes cuts before it re-creates
+            // devices: without its device nothing can write to the volume,
+            // so it is as still as a suspended one. The caller loads no
+            // table (`has_device`); re-assembly makes the device from the
+            // record.
+            return Ok(Quiesced {
+                engine: self,
+                name,
+                suspended: false,
+                device: false,
+            });
         }
         self.os.dm.suspend(&name, SuspendFlush::Flush)?;
         Ok(Quiesced {
             engine: self,
             name,
             suspended: true,
+            device: true,
         })
     }
 }
@@ -192,9 +203,16 @@ pub(super) struct Quiesced<'a> {
     engine: &'a Engine,
     name: DmName,
     suspended: bool,
+    /// Whether the volume had a device to suspend (see `quiesce`).
+    device: bool,
 }
 
 impl Quiesced<'_> {
+    /// Whether the volume has a device whose table the cut may replace.
+    pub(super) fn has_device(&self) -> bool {
+        self.device
+    }
+
     /// Resumes now, reporting errors (drop only logs them).
     pub(super) fn release(mut self) -> DomainResult<()> {
         self.release_inner()

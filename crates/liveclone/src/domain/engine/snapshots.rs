@@ -174,6 +174,10 @@ impl Engine {
             volume.hydration = Some(hydration);
             self.provision_clone_storage(&volume, metadata_bytes)?;
             volume = self.set_stage(volume, HydrationStage::MetadataBound)?;
+            // The figures of the volume's own last hydration (if it was a
+            // clone) would otherwise stand for this one until the monitor
+            // reads it: a `Complete` for a copy that has not started.
+            self.forget_progress(&volume.id);
         }
         let hydrating_from_this = volume
             .hydration
@@ -197,9 +201,14 @@ impl Engine {
             pool.attach(&old_data, true)?;
             let cut = self.quiesce(&volume)?;
             pool.rename(&old_data, &image)?;
-            let swapped = self
-                .expected_table(&volume)
-                .and_then(|table| Ok(self.os.dm.load(&dm_name(&volume.id), &table)?));
+            // Without a device (a reboot) there is no table to swap: the
+            // device is made below from the record, already the clone's.
+            let swapped = if cut.has_device() {
+                self.expected_table(&volume)
+                    .and_then(|table| Ok(self.os.dm.load(&dm_name(&volume.id), &table)?))
+            } else {
+                Ok(())
+            };
             if let Err(load_error) = swapped {
                 // Put the file back before anything can write through the
                 // old table, which still maps it.

@@ -3246,3 +3246,66 @@ fn an_xfs_clone_gets_its_own_uuid_in_create_volume_and_its_trim_later() {
     rig.assert_consistent("after the xfs clone started");
     rig.assert_all_deleted();
 }
+
+/// A reboot in the middle of a redirect cut: the power went after the new
+/// data and metadata were made and recorded, before the rename. After the
+/// reboot no device exists (recovery finishes cuts before it re-creates
+/// devices), and nothing can write to the volume: recovery completes the
+/// cut without suspending anything, then makes the device from the
+/// record, a clone of the new image.
+#[test]
+fn a_redirect_cut_cut_short_by_a_reboot_is_finished_by_recovery() {
+    let mut rig = Rig::new(false);
+    let source = rig
+        .create_as(SOURCE, SOURCE_BYTES, None, AccessKind::Block)
+        .expect("a block volume")
+        .id;
+    rig.faults.arm(None);
+    let steps_before = rig.faults.steps().len();
+    let probe = Rig::new(false);
+    let probe_source = probe
+        .create_as(SOURCE, SOURCE_BYTES, None, AccessKind::Block)
+        .expect("a block volume")
+        .id;
+    probe.faults.arm(None);
+    let probe_before = probe.faults.steps().len();
+    probe
+        .engine
+        .create_snapshot(SNAPSHOT, &probe_source)
+        .expect("a redirect cut without faults");
+    let rename = probe.faults.steps()[probe_before..]
+        .iter()
+        .position(|step| step.starts_with("pool.rename"))
+        .expect("the cut renames");
+    rig.faults.arm(Some(Fault::CrashAt(steps_before + rename)));
+    rig.engine
+        .create_snapshot(SNAPSHOT, &source)
+        .expect_err("the power goes at the rename");
+    rig.faults.arm(None);
+    // The reboot: no device-mapper device and no loop device survives.
+    let name = dm_name(&source);
+    DeviceMapper::resume(&rig.fake, &name).expect("resume");
+    DeviceMapper::remove(&rig.fake, &name).expect("remove");
+    for device in rig.loops().into_values() {
+        LoopDevices::detach(&rig.fake, &device.device).expect("detach");
+    }
+    let report = rig.restart();
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert_eq!(report.cuts_finished, 1, "{report:?}");
+    let snapshot = rig.snapshot_record(&sid(SNAPSHOT)).expect("recorded");
+    assert_eq!(snapshot.state, SnapshotState::Ready);
+    assert_eq!(snapshot.method, Some(CutMethod::Redirect));
+    let volume = rig.record(&source).expect("recorded");
+    assert_eq!(volume.generation, 1);
+    assert_eq!(
+        volume.hydration.as_ref().map(|h| &h.source),
+        Some(&sid(SNAPSHOT))
+    );
+    assert!(rig.inode(&Storage::Image(sid(SNAPSHOT))).is_some());
+    assert!(
+        rig.table(&source).clone_target().is_some(),
+        "the device is back, as a clone of the image"
+    );
+    rig.settle(&source);
+    assert!(is_linear(&rig.table(&source)));
+}
