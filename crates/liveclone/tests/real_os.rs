@@ -671,7 +671,8 @@ fn real_ext4_format_mount_trim_freeze_grow_bind_and_usage() {
             .kind,
         OsErrorKind::NotFound
     );
-    fs.mkfs(device.path(), FsType::Ext4, true).expect("mkfs.ext4");
+    fs.mkfs(device.path(), FsType::Ext4, true)
+        .expect("mkfs.ext4");
     assert_eq!(
         fs.probe(device.path()).expect("probe").as_deref(),
         Some("ext4")

@@ -28,10 +28,11 @@
 //! in the environment.
 
 mod common;
+#[path = "common/vm_host.rs"]
+mod vm_host;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,7 +47,8 @@ use common::{
     Driver, Mounted, Source, BLOCK, DEBUG_LOG, DM_PREFIX, LOG_TAIL, MIB, SLOW,
 };
 use sha2::{Digest, Sha256};
-use vmtest::{Disk, Ending, PreparedKernel, Vm};
+use vm_host::{phase_command, HostRun};
+use vmtest::Ending;
 
 /// Size of the source volume and of its clone.
 const SIZE: u64 = 256 * MIB;
@@ -89,50 +91,18 @@ const STOP_LIMIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn vm_driver_survives_a_power_cut() {
-    let kernel = PreparedKernel::locate().expect("prepared kernel (make vm-prepare)");
-    let agent = vmtest_agent();
-    let runs = kernel.runs_dir().expect("runs dir");
-    std::fs::create_dir_all(&runs).expect("creating the runs folder");
-    let dir = tempfile::Builder::new()
-        .prefix("driver-power-cut-")
-        .tempdir_in(&runs)
-        .expect("disk folder");
-    // Other runners remove folders under runs/ whose owner is gone (or
-    // that have no owner and are old): this one outlives 10 minutes.
-    std::fs::write(dir.path().join("owner.pid"), std::process::id().to_string())
-        .expect("owner.pid");
-    // Private copies of both binaries: a build on the host must not replace
-    // them under the VM between (or during) the boots.
-    let driver = dir.path().join("liveclone");
-    std::fs::copy(env!("CARGO_BIN_EXE_liveclone"), &driver).expect("copying the driver");
-    let me = dir.path().join("vm_driver_power_cut");
-    std::fs::copy(std::env::current_exe().expect("test binary"), &me)
-        .expect("copying the test binary");
-    let pool_image = dir.path().join("lcpool.img");
-    File::create(&pool_image)
-        .and_then(|f| f.set_len(POOL_DISK_BYTES))
-        .expect("pool disk file");
-
-    let mut vm = Vm::new(kernel, agent).expect("vm");
-    vm.timeout = Duration::from_secs(1500);
-    vm.disks
-        .push(Disk::new(POOL_SERIAL, &pool_image).expect("disk"));
-    vm.env.push((DRIVER_ENV.to_owned(), path_string(&driver)));
-    let me = path_string(&me);
-    let phase = |name: &str| {
-        vec![
-            me.clone(),
-            "--ignored".into(),
-            "--exact".into(),
-            "--nocapture".into(),
-            "--test-threads=1".into(),
-            name.into(),
-        ]
-    };
+    let mut run = HostRun::new("driver-power-cut-", "vm_driver_power_cut");
+    run.vm.timeout = Duration::from_secs(1500);
+    run.add_disk(POOL_SERIAL, "lcpool.img", POOL_DISK_BYTES);
+    let driver = path_string(&run.driver);
+    run.vm.env.push((DRIVER_ENV.to_owned(), driver));
+    let me = run.me.clone();
+    let phase = |name: &str| phase_command(&me, name);
 
     let mut acked: Option<u64> = None;
     let mut hydrated: Option<u64> = None;
-    let first = vm
+    let first = run
+        .vm
         .run_until(vec![phase("guest_driver_power_cut_phase_1")], |line| {
             if let Some(n) = line
                 .strip_prefix(ACKED_PREFIX)
@@ -166,9 +136,12 @@ fn vm_driver_survives_a_power_cut() {
         first.elapsed.as_secs_f64()
     );
 
-    vm.env.push((ACKED_ENV.to_owned(), acked.to_string()));
-    vm.env.push((HYDRATED_ENV.to_owned(), hydrated.to_string()));
-    let second = vm
+    run.vm.env.push((ACKED_ENV.to_owned(), acked.to_string()));
+    run.vm
+        .env
+        .push((HYDRATED_ENV.to_owned(), hydrated.to_string()));
+    let second = run
+        .vm
         .run(vec![phase("guest_driver_power_cut_phase_2")])
         .expect("second boot");
     let result = second.result().expect("phase 2 finished");
@@ -178,35 +151,6 @@ fn vm_driver_survives_a_power_cut() {
         result
     );
     assert!(result.success(), "phase 2 failed: {result:?}");
-}
-
-/// The vmtest binary (the guest agent): cargo builds it for its own
-/// package's tests only, so build it here (quick when it is up to date).
-fn vmtest_agent() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary");
-    // target/<profile>/deps/<this test> -> target/<profile>/vmtest
-    let agent = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary is in target/<profile>/deps")
-        .join("vmtest");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let built = Command::new(cargo)
-        .args(["build", "-p", "vmtest", "--bin", "vmtest"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status();
-    match built {
-        Ok(status) if status.success() => {}
-        other if agent.is_file() => {
-            eprintln!(
-                "building vmtest failed ({other:?}); using the existing {}",
-                agent.display()
-            );
-        }
-        other => panic!("building the vmtest agent failed: {other:?}"),
-    }
-    assert!(agent.is_file(), "{} was not built", agent.display());
-    agent
 }
 
 // ---------------------------------------------------------------------------

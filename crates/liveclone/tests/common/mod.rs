@@ -41,6 +41,8 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 mod kernel;
+/// The LVM device classes' tests (`real_lvm_driver`, `vm_lvm_power_cut`).
+pub mod lvm;
 // Each test binary uses part of it, as with the rest of this module.
 #[allow(unused_imports)]
 pub use kernel::{in_vm, require_real_kernel};
