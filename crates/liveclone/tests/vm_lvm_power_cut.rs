@@ -583,7 +583,15 @@ impl Guest {
         if format {
             let yaml =
                 device_classes_yaml(&[("thick", None, None), ("thin", Some(THIN_POOL), Some(1.0))]);
-            std::fs::write(self.mount.join("device-classes.yaml"), yaml)
+            // Written through to the disk: a power cut within ext4's
+            // commit interval would otherwise leave phase 2 an empty file.
+            let path = self.mount.join("device-classes.yaml");
+            std::fs::File::create(&path)
+                .and_then(|mut file| {
+                    std::io::Write::write_all(&mut file, yaml.as_bytes())?;
+                    file.sync_all()
+                })
+                .and_then(|()| std::fs::File::open(&self.mount)?.sync_all())
                 .expect("writing the device classes");
         }
         self.step(&format!(

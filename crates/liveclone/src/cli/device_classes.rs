@@ -32,7 +32,9 @@ use crate::os::lvm::{LinuxLvm, Lvm};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct DeviceClassesFile {
-    #[serde(default)]
+    /// Required, even if empty: an empty or truncated file (a node's
+    /// config lost in a crash) must stop the driver, not start it without
+    /// the classes its volumes are in.
     device_classes: Vec<DeviceClassEntry>,
 }
 
@@ -113,5 +115,7 @@ mod tests {
             assert!(parse(text).is_err(), "{why}: {text}");
         }
         assert!(parse("deviceClasses: []\n").expect("empty").is_empty());
+        assert!(parse("").is_err(), "an empty file");
+        assert!(parse("\n# nothing\n").is_err(), "a file without the key");
     }
 }
