@@ -30,8 +30,8 @@ use common::{
     all_dm_devices, assert_single_linear, capability, clone_regions, create_request, describe,
     dm_devices, dm_table, drop_caches, files_under, fs_usage, liveclone_cli, mounts_under, must,
     open_direct, output_or_error, path_string, pool_loops, replace_table, require_real_kernel, run,
-    say, sha256_hex, table_sectors, to_i64, volume_source, Access, Aligned, Bench, Csi, Mounted,
-    OwnDevice, Pool, Source, BLOCK, KIB, MIB, SECTOR, SLOW,
+    say, sha256_hex, table_sectors, to_i64, try_clone_status, volume_source, Access, Aligned,
+    Bench, Csi, Mounted, OwnDevice, Pool, Source, BLOCK, KIB, MIB, SECTOR, SLOW,
 };
 use liveclone::proto::admin::v1alpha1::set_hydration_request::Action;
 use liveclone::proto::csi::v1 as csi;
@@ -142,7 +142,17 @@ async fn clone_of_a_filesystem_volume_is_usable_at_once_and_hydrates_to_linear()
     let started_copy = csi
         .wait_started(&clone.volume_id, Duration::from_secs(60))
         .await;
-    let (hydrated, total) = clone_regions(&clone_dm);
+    // On a quiet machine the few regions left after the trim can all be
+    // copied, and the clone switched to linear, before this reading: then
+    // everything is hydrated (the checks of the data below still hold).
+    let (hydrated, total) = match try_clone_status(&clone_dm) {
+        Ok(Some(line)) => (line.hydrated, line.total),
+        Ok(None) => {
+            bench.step("the clone hydrated and switched to linear before the first reading");
+            (total, total)
+        }
+        Err(e) => panic!("{e:#}"),
+    };
     bench.step(&format!(
         "hydration started {:.1} s after the CreateVolume call, {hydrated}/{total} regions \
          hydrated (at CreateVolume's return: {at_create}); {}",
