@@ -304,6 +304,30 @@ impl FakeLvm {
         )
     }
 
+    /// The LV `lv` of `group`, or LVM's "not found".
+    fn lv_mut<'a>(
+        group: &'a mut FakeVg,
+        operation: &str,
+        vg: &str,
+        lv: &str,
+    ) -> LvmResult<&'a mut FakeLv> {
+        group
+            .lvs
+            .get_mut(lv)
+            .ok_or_else(|| Self::missing_error(operation, vg, lv))
+    }
+
+    /// LVM refuses to deactivate or remove an LV that is active and open.
+    fn refuse_if_open(operation: &str, vg: &str, lv: &str, found: &FakeLv) -> LvmResult<()> {
+        if found.minor.is_some() && found.open {
+            return Err(error(
+                operation,
+                format!("Logical volume {vg}/{lv} in use."),
+            ));
+        }
+        Ok(())
+    }
+
     fn insert(
         state: &mut State,
         vg: &str,
@@ -517,10 +541,7 @@ impl Lvm for FakeLvm {
         let group = Self::group(&mut state, vg, &operation)?;
         let free = group.free_extents();
         let extent = group.extent;
-        let found = group
-            .lvs
-            .get_mut(lv)
-            .ok_or_else(|| Self::missing_error(&operation, vg, lv))?;
+        let found = Self::lv_mut(group, &operation, vg, lv)?;
         let size = bytes.div_ceil(extent) * extent;
         if size <= found.size {
             return Err(error(
@@ -550,16 +571,8 @@ impl Lvm for FakeLvm {
         let operation = format!("lvremove {vg}/{lv}");
         Self::enter(&mut state, operation.clone())?;
         let group = Self::group(&mut state, vg, &operation)?;
-        let found = group
-            .lvs
-            .get(lv)
-            .ok_or_else(|| Self::missing_error(&operation, vg, lv))?;
-        if found.minor.is_some() && found.open {
-            return Err(error(
-                &operation,
-                format!("Logical volume {vg}/{lv} in use."),
-            ));
-        }
+        let found = Self::lv_mut(group, &operation, vg, lv)?;
+        Self::refuse_if_open(&operation, vg, lv, found)?;
         if matches!(found.kind, Kind::ThinPool { .. })
             && group
                 .lvs
@@ -581,10 +594,7 @@ impl Lvm for FakeLvm {
         Self::enter(&mut state, operation.clone())?;
         let minor = Self::minor(&mut state);
         let group = Self::group(&mut state, vg, &operation)?;
-        let found = group
-            .lvs
-            .get_mut(lv)
-            .ok_or_else(|| Self::missing_error(&operation, vg, lv))?;
+        let found = Self::lv_mut(group, &operation, vg, lv)?;
         if found.minor.is_none() {
             found.minor = Some(minor);
             found.open = false;
@@ -597,16 +607,8 @@ impl Lvm for FakeLvm {
         let operation = format!("lvchange -an {vg}/{lv}");
         Self::enter(&mut state, operation.clone())?;
         let group = Self::group(&mut state, vg, &operation)?;
-        let found = group
-            .lvs
-            .get_mut(lv)
-            .ok_or_else(|| Self::missing_error(&operation, vg, lv))?;
-        if found.minor.is_some() && found.open {
-            return Err(error(
-                &operation,
-                format!("Logical volume {vg}/{lv} in use."),
-            ));
-        }
+        let found = Self::lv_mut(group, &operation, vg, lv)?;
+        Self::refuse_if_open(&operation, vg, lv, found)?;
         found.minor = None;
         Ok(())
     }
@@ -616,10 +618,7 @@ impl Lvm for FakeLvm {
         let operation = format!("lvchange tags {vg}/{lv}");
         Self::enter(&mut state, operation.clone())?;
         let group = Self::group(&mut state, vg, &operation)?;
-        let found = group
-            .lvs
-            .get_mut(lv)
-            .ok_or_else(|| Self::missing_error(&operation, vg, lv))?;
+        let found = Self::lv_mut(group, &operation, vg, lv)?;
         found.tags.retain(|tag| !remove.contains(tag));
         for tag in add {
             if !found.tags.contains(tag) {
