@@ -1,15 +1,21 @@
 # liveclone — build and test entry points.
 #
-#   make test       lint, host tests, the real-kernel tests in the VM, then the
-#                   tests against a real kube-apiserver (the README's test
-#                   command; what .ci/run calls)
-#   make test-unit  host tests only (no root, no device-mapper)
+#   make test       every tier (the README's test command; what .ci/run calls):
+#                   lint, one build of every test binary, host tests, the image
+#                   build steps, the tests against a real kube-apiserver, the
+#                   real-kernel tests and power cuts in the VM, then the LVM
+#                   benchmark figures; tests/tools/test-all.sh runs them in that
+#                   order, prepares the VM and the Go tools in the background
+#                   meanwhile, and prints how long each step took
+#   make test-unit  host tests only (no root, no device-mapper): host_* targets,
+#                   unit and doc tests
 #   make test-k8s   tests against etcd + kube-apiserver on loopback (CRDs,
-#                   status subresource, printer columns, RBAC); builds the
-#                   Kubernetes tools from the Go module proxy once (cached)
-#   make test-vm    real-kernel tests in a QEMU VM whose kernel has dm-clone
-#                   (LIVECLONE_TEST_ON_HOST=1: on this host instead, as root,
-#                   if its kernel has dm-clone)
+#                   status subresource, printer columns, RBAC, the chart); builds
+#                   the Kubernetes tools from the Go module proxy once (cached)
+#   make test-vm    real-kernel tests (test-real), power cuts (test-power-cuts)
+#                   and the LVM figures (bench-lvm-ci) in a QEMU VM whose kernel
+#                   has dm-clone (LIVECLONE_TEST_ON_HOST=1: real_* on this host
+#                   instead, as root, if its kernel has dm-clone)
 #   make vm-prepare install QEMU and build the VM kernel bits (cached)
 #   make tools      build the pinned Go test tools, e.g. csi-sanity (cached)
 #   make deps       install the system packages the build needs (libdevmapper, libclang)
@@ -17,7 +23,7 @@
 #   make demo-vm    the live-clone story on a real kernel, no cluster needed
 #   make bench      benchmarks in the VM, as ratios to same-run baselines (docs/BENCHMARKS.md):
 #                   the file pool's (bench_driver) and the LVM classes' (bench_lvm)
-#   make bench-lvm  the LVM classes' benchmarks alone (bench-lvm-ci: figures 1 and 4, run by test-vm)
+#   make bench-lvm  the LVM classes' benchmarks alone (bench-lvm-ci: figures 1 and 4)
 #   make crds       regenerate the CRD YAML in deploy/crds and charts/liveclone/crds
 
 CARGO ?= cargo
@@ -30,9 +36,17 @@ CMD ?= sh -c 'uname -a; dmsetup targets; lsblk'
 LVM_DISKS := $(CURDIR)/target/vm-disks/lvm-a.img $(CURDIR)/target/vm-disks/lvm-b.img
 LVM_DISK_SIZE := 3G
 
-.PHONY: test test-unit test-vm test-k8s k8s-tools lint vm-prepare vm-shell build demo-vm tools bench deps
+# The features of every test tier at once. Every cargo command below builds
+# with exactly these, so the crates are compiled once and each tier reuses the
+# same artifacts (a tier with its own feature set would rebuild the workspace).
+# Which tests a tier runs is chosen by target name (tests/tools/check-test-tiers.sh).
+TEST_FEATURES := vmtest/real-kernel,vmtest/vm,liveclone/real-kernel,liveclone/vm,liveclone/k8s,kubetest/k8s
+TEST_CARGO = $(CARGO) test --workspace --features $(TEST_FEATURES)
 
-test: lint test-unit test-vm test-k8s
+.PHONY: test test-unit test-build test-vm test-real test-power-cuts test-k8s k8s-tools lint vm-prepare vm-shell build demo-vm tools bench deps
+
+test:
+	bash tests/tools/test-all.sh
 
 deps:
 	bash tests/tools/install-build-deps.sh
@@ -42,10 +56,14 @@ build: deps
 
 lint: deps
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --workspace --all-targets --features vmtest/real-kernel,vmtest/vm,liveclone/real-kernel,liveclone/vm,liveclone/k8s,kubetest/k8s -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features $(TEST_FEATURES) -- -D warnings
+
+test-build: deps
+	$(TEST_CARGO) --no-run
 
 test-unit: deps
-	$(CARGO) test --workspace
+	$(TEST_CARGO) --lib --bins --examples --test 'host_*'
+	$(TEST_CARGO) --doc
 
 vm-prepare:
 	bash tests/vm/prepare.sh
@@ -57,12 +75,21 @@ k8s-tools:
 	bash tests/tools/build-k8s-tools.sh
 
 test-k8s: deps k8s-tools
-	$(CARGO) test -p kubetest -p liveclone --features kubetest/k8s,liveclone/k8s --test 'k8s_*'
+	$(TEST_CARGO) --test 'k8s_*'
 
+# Built with the test features so that it shares the dependencies' artifacts
+# with the test build (a plain `-p vmtest` resolves other features for them).
 $(VMTEST): FORCE deps
-	$(CARGO) build -p vmtest
+	$(CARGO) build --workspace --features $(TEST_FEATURES) --bin vmtest
 
-test-vm: $(VMTEST) tools k8s-tools
+test-vm: test-real test-power-cuts
+ifneq ($(LIVECLONE_TEST_ON_HOST),1)
+	$(MAKE) bench-lvm-ci
+endif
+
+# One boot runs every real_* target (test-threads=1: they share the VM's
+# devices); the two sparse disks are real_lvm_driver's volume group.
+test-real: $(VMTEST) tools k8s-tools
 ifneq ($(LIVECLONE_TEST_ON_HOST),1)
 	bash tests/vm/prepare.sh
 endif
@@ -71,15 +98,16 @@ endif
 	truncate -s $(LVM_DISK_SIZE) $(LVM_DISKS)
 	$(VMTEST) test --timeout $(VM_TIMEOUT) --test-arg=--test-threads=1 \
 		--disk lc-lvm-a=$(word 1,$(LVM_DISKS)) --disk lc-lvm-b=$(word 2,$(LVM_DISKS)) \
-		-- --workspace --features vmtest/real-kernel,liveclone/real-kernel --test 'real_*'
+		-- --workspace --features $(TEST_FEATURES) --test 'real_*'
 	rm -f $(LVM_DISKS)
+
+# Each vm_* test boots the VM itself, twice: before and after the cut.
+test-power-cuts: $(VMTEST)
 ifeq ($(LIVECLONE_TEST_ON_HOST),1)
 	@echo "vm_* tests (power cuts) need the VM; skipped on the host"
 else
-	$(CARGO) test -p vmtest --features vm --test vm_power_cut -- --test-threads=1
-	$(CARGO) test -p liveclone --features vm --test vm_driver_power_cut -- --test-threads=1
-	$(CARGO) test -p liveclone --features vm --test vm_lvm_power_cut -- --test-threads=1
-	$(MAKE) bench-lvm-ci
+	bash tests/vm/prepare.sh
+	$(TEST_CARGO) --test 'vm_*' -- --test-threads=1
 endif
 
 demo-vm: $(VMTEST)
@@ -100,7 +128,7 @@ BENCH_VM = $(VMTEST) test --timeout $(BENCH_TIMEOUT) --memory 2048 \
 	--disk lc-bench-a=$(BENCH_DISKS)/lc-bench-a.img \
 	--disk lc-bench-b=$(BENCH_DISKS)/lc-bench-b.img \
 	--test-arg=--ignored --test-arg=--nocapture --test-arg=--test-threads=1 \
-	-- -p liveclone --features real-kernel
+	-- --workspace --features $(TEST_FEATURES)
 BENCH_RUN = rm -rf $(BENCH_DISKS) && mkdir -p $(BENCH_DISKS) && \
 	truncate -s $(BENCH_DISK_SIZE) $(BENCH_DISKS)/lc-bench-a.img $(BENCH_DISKS)/lc-bench-b.img && \
 	{ $(BENCH_VM) $(1); status=$$?; rm -rf $(BENCH_DISKS); exit $$status; }
@@ -138,3 +166,16 @@ FORCE:
 crds: deps
 	$(CARGO) run -q -p liveclone --bin liveclone -- crdgen --out-dir deploy/crds
 	$(CARGO) run -q -p liveclone --bin liveclone -- crdgen --out-dir charts/liveclone/crds
+
+# --- image-check (helper) ---
+# The container image's build script, run on the host: compile and check
+# the binary, prove the runtime tool list against the sources and this
+# machine's packages, and check that the Dockerfile calls only build.sh
+# subcommands that exist. The compile uses the dev profile: it reuses the
+# test build's artifacts (seconds), where a release compile would add many
+# minutes to every CI run; the release build itself runs in `docker build`.
+.PHONY: image-check
+image-check: deps
+	LIVECLONE_BUILD_PROFILE=dev bash deploy/image/build.sh compile target/image
+	bash deploy/image/build.sh check-runtime
+	bash deploy/image/build.sh check-dockerfile Dockerfile

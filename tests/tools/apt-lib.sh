@@ -13,11 +13,20 @@ if [ "$(id -u)" -ne 0 ]; then
     APT_SUDO=(sudo)
 fi
 
+# `make test` runs several install scripts at once (the VM's preparation and
+# the tools' builds start in the background beside the build's own packages):
+# each apt-get call takes this lock first, because a second apt-get started
+# while one runs fails at once on dpkg's or the package lists' lock.
+APT_LOCK=/run/lock/liveclone-apt.lock
+apt_locked() {
+    "${APT_SUDO[@]}" flock "$APT_LOCK" "$@"
+}
+
 apt_updated=0
 apt_update_once() {
     if [ "$apt_updated" -eq 0 ]; then
         apt_lib_log "apt-get update"
-        "${APT_SUDO[@]}" apt-get update -qq
+        apt_locked apt-get update -qq
         apt_updated=1
     fi
 }
@@ -37,7 +46,7 @@ install_packages() {
     if [ "${#missing[@]}" -gt 0 ]; then
         apt_update_once
         apt_lib_log "installing: ${missing[*]}"
-        "${APT_SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt_locked env DEBIAN_FRONTEND=noninteractive \
             apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 }

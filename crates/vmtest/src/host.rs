@@ -138,22 +138,27 @@ impl Vm {
         self.boot(commands, cut_when)
     }
 
-    /// Boots once more when the first boot printed nothing at all within
-    /// [`BOOT_SILENCE_LIMIT`]: QEMU's software CPU has been seen, about once
-    /// in twenty boots, to spin before the kernel's first console line. No
-    /// line means the guest never reached its agent, so nothing ran and
-    /// booting again is safe, disks included.
+    /// Boots again (up to [`BOOT_ATTEMPTS`] boots in all) when a boot
+    /// printed nothing at all within [`BOOT_SILENCE_LIMIT`]: QEMU's software
+    /// CPU has been seen, about once in twenty boots, to spin before the
+    /// kernel's first console line. No line means the guest never reached
+    /// its agent, so nothing ran and booting again is safe, disks included.
     fn boot(
         &self,
         commands: Vec<Vec<String>>,
         mut cut_when: impl FnMut(&str) -> bool,
     ) -> Result<Outcome> {
-        match self.boot_once(commands.clone(), &mut cut_when) {
-            Err(error) if error.downcast_ref::<SilentBoot>().is_some() => {
-                eprintln!("vmtest: {error}; booting once more");
-                self.boot_once(commands, &mut cut_when)
+        let mut attempt = 1;
+        loop {
+            match self.boot_once(commands.clone(), &mut cut_when) {
+                Err(error)
+                    if error.downcast_ref::<SilentBoot>().is_some() && attempt < BOOT_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    eprintln!("vmtest: {error}; booting again (boot {attempt} of at most {BOOT_ATTEMPTS})");
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 
@@ -370,8 +375,13 @@ fn tail(lines: &[String], n: usize) -> String {
 
 /// How long a boot may stay silent (no console line at all) before it is
 /// taken for a hung boot. A boot prints its first line after about 7 s
-/// under TCG, and under a minute on a loaded 2-core machine.
-const BOOT_SILENCE_LIMIT: Duration = Duration::from_secs(180);
+/// under TCG, and under a minute on a loaded 2-core machine. Kept short
+/// because a hung boot costs this much of a CI run every time, and taking a
+/// slow boot for a hung one only costs a boot (nothing ran yet).
+const BOOT_SILENCE_LIMIT: Duration = Duration::from_secs(90);
+
+/// Boots tried before a silent boot is an error.
+const BOOT_ATTEMPTS: u32 = 3;
 
 /// A boot that printed nothing within [`BOOT_SILENCE_LIMIT`].
 #[derive(Debug)]
