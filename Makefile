@@ -40,7 +40,7 @@ LVM_DISK_SIZE := 3G
 # with exactly these, so the crates are compiled once and each tier reuses the
 # same artifacts (a tier with its own feature set would rebuild the workspace).
 # Which tests a tier runs is chosen by target name (tests/tools/check-test-tiers.sh).
-TEST_FEATURES := vmtest/real-kernel,vmtest/vm,liveclone/real-kernel,liveclone/vm,liveclone/k8s,kubetest/k8s
+TEST_FEATURES := vmtest/real-kernel,vmtest/vm,liveclone/real-kernel,liveclone/vm,liveclone/k8s,kubetest/k8s,liveclone-e2e/kind
 TEST_CARGO = $(CARGO) test --workspace --features $(TEST_FEATURES)
 
 .PHONY: test test-unit test-build test-vm test-real test-power-cuts test-k8s k8s-tools lint vm-prepare vm-shell build demo-vm tools bench deps
@@ -179,3 +179,19 @@ image-check: deps
 	LIVECLONE_BUILD_PROFILE=dev bash deploy/image/build.sh compile target/image
 	bash deploy/image/build.sh check-runtime
 	bash deploy/image/build.sh check-dockerfile Dockerfile
+
+# --- kind e2e and demo (helper) ---
+# The scenarios on a kind cluster (docs/E2E.md): needs Docker, kind, helm,
+# kubectl and a host kernel with dm-clone. One at a time (the node-plugin
+# restart would land in the middle of the others). The cluster is deleted
+# afterwards unless LIVECLONE_E2E_KEEP=1; E2E_ARGS picks scenarios.
+E2E_CLUSTER ?= $(or $(LIVECLONE_E2E_CLUSTER),liveclone-e2e)
+.PHONY: e2e demo
+e2e:
+	$(CARGO) test -p liveclone-e2e --features kind --test kind_e2e -- --test-threads=1 --nocapture $(E2E_ARGS); \
+	status=$$?; \
+	if [ "$${LIVECLONE_E2E_KEEP:-0}" != 1 ] && command -v kind >/dev/null 2>&1; then \
+		kind delete cluster --name "$(E2E_CLUSTER)"; fi; \
+	exit $$status
+demo:
+	bash deploy/kind/demo.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes programs that liveclone's Kubernetes-mode tests run on
-# loopback (kube-apiserver, kubectl, etcd, the CSI sidecars), at pinned
+# loopback (kube-apiserver, kubectl, etcd, the CSI sidecars, and helm for the
+# chart's test), at pinned
 # versions, from the Go module proxy and Debian's archive, and caches each by
 # version so that a second run only checks stamp files. Then writes an env
 # file naming every binary (the contract with crates/kubetest; see
@@ -21,6 +22,7 @@
 #   <tool>-<version>/src/go.mod      the generated wrapper module, with its go.sum
 #   etcd-<debian version>/etcd       etcd taken out of Debian's etcd-server .deb
 #   snapshot-crds-<version>/*.yaml   the VolumeSnapshot* CRDs
+#   prometheus-crds-<version>/*.yaml the ServiceMonitor CRD (for the chart's test)
 #   go-<version>/                    a Go toolchain, only when the machine's Go
 #                                    is missing or too old
 #
@@ -58,6 +60,11 @@ PROVISIONER_VERSION=v5.3.0
 # Built against k8s.io v0.37; upstream states Kubernetes 1.20 as its minimum.
 SNAPSHOTTER_VERSION=v8.7.0
 SNAPSHOTTER_CLIENT_VERSION=v8.7.0
+# Helm, for charts/liveclone's test (crates/liveclone/tests/k8s_chart.rs):
+# the newest v3 release on the module proxy. v3 rather than v4 because v3 is
+# what most clusters' operators still run; the chart (apiVersion v2) uses
+# nothing v4 would read differently. Its go.mod has no replace directives.
+HELM_VERSION=v3.22.0
 
 K8S_LDFLAGS=(
     -s -w
@@ -78,6 +85,7 @@ GO_TOOLS=(
     "csi-provisioner     $PROVISIONER_VERSION  github.com/kubernetes-csi/external-provisioner/v5   github.com/kubernetes-csi/external-provisioner/v5/cmd/csi-provisioner   -"
     "csi-snapshotter     $SNAPSHOTTER_VERSION  github.com/kubernetes-csi/external-snapshotter/v8   github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter   $SNAPSHOTTER_CLIENT_VERSION"
     "snapshot-controller $SNAPSHOTTER_VERSION  github.com/kubernetes-csi/external-snapshotter/v8   github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller $SNAPSHOTTER_CLIENT_VERSION"
+    "helm                $HELM_VERSION         helm.sh/helm/v3                                     helm.sh/helm/v3/cmd/helm                                                -"
 )
 
 # The CRDs live in the client module (config/crd/).
@@ -86,6 +94,18 @@ CRD_FILES=(
     snapshot.storage.k8s.io_volumesnapshotclasses.yaml
     snapshot.storage.k8s.io_volumesnapshotcontents.yaml
     snapshot.storage.k8s.io_volumesnapshots.yaml
+)
+
+# The ServiceMonitor CRD (monitoring.coreos.com/v1), so that the chart's
+# optional ServiceMonitor can be checked by a real API server. The
+# prometheus-operator module carries its CRDs under
+# example/prometheus-operator-crd/; v0.85.0 is the release the module proxy
+# here serves. ServiceMonitor has been monitoring.coreos.com/v1 for years, so
+# the exact release matters little; it is pinned all the same.
+PROMETHEUS_OPERATOR_MODULE=github.com/prometheus-operator/prometheus-operator
+PROMETHEUS_OPERATOR_VERSION=v0.85.0
+PROMETHEUS_CRD_FILES=(
+    monitoring.coreos.com_servicemonitors.yaml
 )
 
 # etcd: Debian's etcd-server package (bookworm: 3.4.23). kube-apiserver 1.33
@@ -231,20 +251,46 @@ write_wrapper() {
     log "$name: wrapper module requires $module $version, go $go_version, $replaced replace directives ($localised local folders -> released modules)"
 }
 
+# The stamps helm's Makefile sets. Besides the version, it sets the
+# Kubernetes version that `helm template` and `helm lint` assume when no
+# cluster is asked (.Capabilities.KubeVersion): 1.<minor of the client-go
+# helm is built against>. Without them helm would assume v1.20, and a chart
+# whose kubeVersion says >=1.33 could not be rendered offline. Sets
+# HELM_LDFLAGS.
+HELM_LDFLAGS=()
+helm_ldflags() {
+    local version="$1" where="$2" upstream_mod client_go minor
+    upstream_mod="$(module_field helm.sh/helm/v3 "$version" GoMod "$where")"
+    client_go="$("$GO" mod edit -print "$upstream_mod" | awk '$1 == "k8s.io/client-go" {print $2; exit}')"
+    [[ "$client_go" =~ ^v0\.([0-9]+)\. ]] || die "helm $version: cannot read its k8s.io/client-go version (got '$client_go')"
+    minor="${BASH_REMATCH[1]}"
+    HELM_LDFLAGS=(
+        -X "helm.sh/helm/v3/internal/version.version=$version"
+        -X "helm.sh/helm/v3/internal/version.gitTreeState=clean"
+        -X "helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1"
+        -X "helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor"
+        -X "helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1"
+        -X "helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor"
+    )
+}
+
 build_wrapped() {
     local name="$1" version="$2" module="$3" package="$4" local_version="$5" dir="$6"
     local work="$dir.partial" start
     local -a ldflags=(-s -w)
     PARTIAL="$work"
-    if [ "$module" = k8s.io/kubernetes ]; then
-        ldflags=("${K8S_LDFLAGS[@]}")
-    else
-        ldflags+=(-X "main.version=$version")
-    fi
     rm -rf "$work"
     mkdir -p "$work/src"
     start=$SECONDS
     write_wrapper "$name" "$module" "$version" "$local_version" "$work/src"
+    if [ "$module" = k8s.io/kubernetes ]; then
+        ldflags=("${K8S_LDFLAGS[@]}")
+    elif [ "$module" = helm.sh/helm/v3 ]; then
+        helm_ldflags "$version" "$work/src"
+        ldflags+=("${HELM_LDFLAGS[@]}")
+    else
+        ldflags+=(-X "main.version=$version")
+    fi
     log "building $name $version ($package, Go $(go_version_of "$GO"))"
     (cd "$work/src" && "$GO" build -mod=mod -trimpath -ldflags="${ldflags[*]}" -o "$work/$name" "$package")
     [ -x "$work/$name" ] || die "go build left no $name binary in $work"
@@ -321,6 +367,32 @@ else
     PARTIAL=""
     touch "$crd_dir/.complete"
     log "copied ${#CRD_FILES[@]} VolumeSnapshot CRDs from $CRD_MODULE@$SNAPSHOTTER_CLIENT_VERSION to $crd_dir"
+fi
+
+# --- the ServiceMonitor CRD -------------------------------------------------------------
+
+prometheus_crd_dir="$TOOLS_ROOT/prometheus-crds-$PROMETHEUS_OPERATOR_VERSION"
+if [ -f "$prometheus_crd_dir/.complete" ]; then
+    log "cache hit: prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION in $prometheus_crd_dir"
+else
+    need_go
+    work="$prometheus_crd_dir.partial"
+    PARTIAL="$work"
+    rm -rf "$work"
+    mkdir -p "$work"
+    source_dir="$(module_field "$PROMETHEUS_OPERATOR_MODULE" "$PROMETHEUS_OPERATOR_VERSION" Dir "$work")"
+    for file in "${PROMETHEUS_CRD_FILES[@]}"; do
+        [ -f "$source_dir/example/prometheus-operator-crd/$file" ] ||
+            die "$PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION has no example/prometheus-operator-crd/$file"
+        cp "$source_dir/example/prometheus-operator-crd/$file" "$work/$file"
+        chmod 0644 "$work/$file"
+    done
+    printf 'MODULE=%s\nVERSION=%s\n' "$PROMETHEUS_OPERATOR_MODULE" "$PROMETHEUS_OPERATOR_VERSION" > "$work/build.env"
+    rm -rf "$prometheus_crd_dir"
+    mv "$work" "$prometheus_crd_dir"
+    PARTIAL=""
+    touch "$prometheus_crd_dir/.complete"
+    log "copied ${#PROMETHEUS_CRD_FILES[@]} prometheus-operator CRD from $PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION to $prometheus_crd_dir"
 fi
 
 # --- etcd ------------------------------------------------------------------------------------
@@ -404,6 +476,8 @@ tmp="$ENV_FILE.tmp.$$"
         "LIVECLONE_CSI_SNAPSHOTTER=${RESULT[csi-snapshotter]}" \
         "LIVECLONE_SNAPSHOT_CONTROLLER=${RESULT[snapshot-controller]}" \
         "LIVECLONE_SNAPSHOT_CRDS=$crd_dir" \
+        "LIVECLONE_HELM=${RESULT[helm]}" \
+        "LIVECLONE_PROMETHEUS_CRDS=$prometheus_crd_dir" \
         "LIVECLONE_K8S_VERSION=$K8S_VERSION" \
         "LIVECLONE_ETCD_VERSION=$etcd_version"; do
         check_plain "${pair#*=}"

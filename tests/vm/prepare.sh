@@ -71,10 +71,12 @@ fi
 [ -n "$PKG_VERSION" ] || die "linux-image-$ABI is not in the package lists"
 SERIES="$(printf '%s' "$ABI" | cut -d. -f1,2)"
 
-# The recipe (this script and the guest init) is part of the key, so a change
-# to either rebuilds instead of silently reusing an old initramfs.
+# The recipe (this script, the guest init and the shared dm-clone module
+# build) is part of the key, so a change to any of them rebuilds instead of
+# silently reusing an old initramfs or module.
 HERE="$(cd "$(dirname "$0")" && pwd)"
-RECIPE="$(cat "$HERE/prepare.sh" "$HERE/init" | sha256sum | cut -c1-12)"
+DM_CLONE_MODULE_SCRIPT="$HERE/../../deploy/dm-clone/build-module.sh"
+RECIPE="$(cat "$HERE/prepare.sh" "$HERE/init" "$DM_CLONE_MODULE_SCRIPT" | sha256sum | cut -c1-12)"
 KEY="${ABI}_${PKG_VERSION}_${RECIPE}"
 DIR="$CACHE_ROOT/$KEY"
 if [ -f "$DIR/.complete" ]; then
@@ -112,32 +114,17 @@ mkdir -p "$WORK/image" "$WORK/source"
 dpkg-deb -x "$IMAGE_DEB" "$WORK/image"
 dpkg-deb -x "$SOURCE_DEB" "$WORK/source"
 
-log "extracting dm-clone sources"
-SRC_TAR="$WORK/source/usr/src/linux-source-$SERIES.tar.xz"
-MD="linux-source-$SERIES/drivers/md"
-tar -xJf "$SRC_TAR" -C "$WORK" --wildcards \
-    "$MD/dm-clone-target.c" "$MD/dm-clone-metadata.c" "$MD/dm-clone-metadata.h" \
-    "$MD/dm.h" "$MD/dm-core.h" "$MD/dm-ima.h" "$MD/dm-stats.h" "$MD/dm-rq.h" \
-    "$MD/persistent-data/*"
-
-MODSRC="$WORK/dm-clone"
-mkdir -p "$MODSRC"
-cp "$WORK/$MD"/dm-clone-target.c "$WORK/$MD"/dm-clone-metadata.c "$WORK/$MD"/dm-clone-metadata.h \
-    "$WORK/$MD"/dm.h "$WORK/$MD"/dm-core.h "$WORK/$MD"/dm-ima.h "$WORK/$MD"/dm-stats.h "$WORK/$MD"/dm-rq.h \
-    "$MODSRC/"
-cp -r "$WORK/$MD/persistent-data" "$MODSRC/"
-printf 'obj-m += dm-clone.o\ndm-clone-y += dm-clone-target.o dm-clone-metadata.o\n' > "$MODSRC/Kbuild"
-
-log "building dm-clone.ko"
-make -s -C "/usr/src/linux-headers-$ABI" M="$MODSRC" modules >"$WORK/build.log" 2>&1 ||
-    { cat "$WORK/build.log" >&2; die "dm-clone build failed"; }
-modinfo -F vermagic "$MODSRC/dm-clone.ko" | grep -q "^$ABI " ||
-    die "dm-clone.ko was not built for $ABI"
+# The module recipe is shared with the node builder image
+# (deploy/dm-clone/build-dm-clone.sh): building it here proves it on every
+# fresh machine.
+bash "$DM_CLONE_MODULE_SCRIPT" \
+    --source-tarball "$WORK/source/usr/src/linux-source-$SERIES.tar.xz" \
+    --kbuild "/usr/src/linux-headers-$ABI" --release "$ABI" --out "$WORK/dm-clone"
 
 mkdir -p "$WORK/out/modroot/lib/modules"
 mv "$WORK/image/lib/modules/$ABI" "$WORK/out/modroot/lib/modules/"
 mkdir -p "$WORK/out/modroot/lib/modules/$ABI/updates"
-cp "$MODSRC/dm-clone.ko" "$WORK/out/modroot/lib/modules/$ABI/updates/"
+cp "$WORK/dm-clone/dm-clone.ko" "$WORK/out/modroot/lib/modules/$ABI/updates/"
 depmod -b "$WORK/out/modroot" "$ABI"
 cp "$WORK/image/boot/vmlinuz-$ABI" "$WORK/out/vmlinuz"
 cp "$WORK/image/boot/config-$ABI" "$WORK/out/config"

@@ -41,10 +41,15 @@ pub enum Tool {
     /// A folder holding the VolumeSnapshot, VolumeSnapshotContent and
     /// VolumeSnapshotClass CRDs.
     SnapshotCrds,
+    /// helm, for the chart's test (`crates/liveclone/tests/k8s_chart.rs`).
+    Helm,
+    /// A folder holding prometheus-operator's ServiceMonitor CRD, so that
+    /// the chart's optional ServiceMonitor can be checked by the API server.
+    PrometheusCrds,
 }
 
 impl Tool {
-    pub const ALL: [Tool; 7] = [
+    pub const ALL: [Tool; 9] = [
         Tool::Etcd,
         Tool::KubeApiserver,
         Tool::Kubectl,
@@ -52,6 +57,8 @@ impl Tool {
         Tool::CsiSnapshotter,
         Tool::SnapshotController,
         Tool::SnapshotCrds,
+        Tool::Helm,
+        Tool::PrometheusCrds,
     ];
 
     /// The key in the env file, also the environment variable that overrides it.
@@ -64,6 +71,8 @@ impl Tool {
             Tool::CsiSnapshotter => "LIVECLONE_CSI_SNAPSHOTTER",
             Tool::SnapshotController => "LIVECLONE_SNAPSHOT_CONTROLLER",
             Tool::SnapshotCrds => "LIVECLONE_SNAPSHOT_CRDS",
+            Tool::Helm => "LIVECLONE_HELM",
+            Tool::PrometheusCrds => "LIVECLONE_PROMETHEUS_CRDS",
         }
     }
 
@@ -78,7 +87,7 @@ impl Tool {
     }
 
     fn is_folder(self) -> bool {
-        self == Tool::SnapshotCrds
+        matches!(self, Tool::SnapshotCrds | Tool::PrometheusCrds)
     }
 }
 

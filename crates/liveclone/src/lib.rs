@@ -13,6 +13,7 @@ pub mod cli;
 pub mod domain;
 pub mod grpc;
 pub mod k8s;
+pub mod kubectl;
 pub mod metrics;
 pub mod os;
 pub mod proto;
