@@ -46,6 +46,8 @@ summary() {
     if [ -n "${CURRENT:-}" ]; then
         printf '%6d s  %-6s %s\n' "$(( $(date +%s) - CURRENT_START ))" "ended" "$CURRENT" >&2
     fi
+    printf '          disk: %s free here, target/ takes %s\n' \
+        "$(df -h --output=avail . | tail -n 1 | tr -d ' ')" "$(du -sh target 2>/dev/null | cut -f1)" >&2
     local retried
     retried=$(grep -c 'vmtest: .*booting again' "$LOGS/make-test.log" 2>/dev/null || true)
     printf '          VM boots that hung before their first line and were tried again: %s\n' "${retried:-0}" >&2
