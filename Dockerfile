@@ -7,7 +7,8 @@
 #
 #   docker build -t liveclone .                                      # the driver (default: runtime)
 #   docker build --target dm-clone-builder -t liveclone-dm-clone-builder .
-#   docker build --target dm-clone-builder-el9 -t liveclone-dm-clone-builder-el9 .
+#   docker build --target dm-clone-builder --build-arg DM_CLONE_BUILDER_BASE=almalinux:9.6 \
+#       -t liveclone-dm-clone-builder-el9 .                         # the same for EL9 nodes
 #
 # Build arguments: SOURCE_DATE_EPOCH (the commit's time, for reproducible
 # output), VERSION and REVISION (labels), LIVECLONE_BUILD_PROFILE (release).
@@ -16,7 +17,8 @@
 # binary's glibc symbols exist at run time (build.sh check-binary verifies).
 ARG RUST_IMAGE=rust:1.95.0-bookworm
 ARG DEBIAN_IMAGE=debian:12.12-slim
-ARG EL9_IMAGE=almalinux:9.6
+# The dm-clone builder's base: the node distribution's (see its stage).
+ARG DM_CLONE_BUILDER_BASE=${DEBIAN_IMAGE}
 
 # ---------------------------------------------------------------- builder
 FROM ${RUST_IMAGE} AS builder
@@ -41,35 +43,19 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     bash deploy/image/build.sh compile /out
 
-# ------------------------------------------------- dm-clone-builder (Debian)
-# The opt-in kernel module builder for Debian 12 nodes (docs/DM-CLONE.md).
+# ------------------------------------------------------ dm-clone-builder
+# The opt-in kernel module builder (docs/DM-CLONE.md). One stage for every
+# distribution it knows: its base is the node distribution's own, because
+# the kernel headers and source come from that distribution's package
+# manager (the Debian base for Debian 12 nodes; for RHEL 9, Rocky 9 and
+# AlmaLinux 9 nodes, --build-arg DM_CLONE_BUILDER_BASE=almalinux:9.6).
+# build.sh builder-deps installs with apt or dnf, whichever the base has.
 # Runs as root: it installs the node kernel's headers and loads a module.
-FROM ${DEBIAN_IMAGE} AS dm-clone-builder
+FROM ${DM_CLONE_BUILDER_BASE} AS dm-clone-builder
 ARG VERSION=dev
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="liveclone-dm-clone-builder" \
-      org.opencontainers.image.description="Builds and loads dm-clone.ko on nodes whose distribution kernel lacks it (Debian 12)" \
-      org.opencontainers.image.source="https://github.com/liveclone/liveclone" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}"
-COPY deploy/image/build.sh /tmp/build.sh
-RUN bash /tmp/build.sh builder-deps && rm /tmp/build.sh
-COPY deploy/dm-clone/build-dm-clone.sh deploy/dm-clone/build-module.sh /usr/local/lib/liveclone/dm-clone/
-RUN ln -s /usr/local/lib/liveclone/dm-clone/build-dm-clone.sh /usr/local/bin/build-dm-clone
-USER 0
-ENTRYPOINT ["/usr/local/bin/build-dm-clone"]
-CMD ["--load"]
-
-# ------------------------------------------------ dm-clone-builder-el9
-# The same builder for RHEL 9, Rocky 9 and AlmaLinux 9 nodes: their kernel
-# packages come through dnf, which the Debian image does not have.
-# Untested here (docs/DM-CLONE.md).
-FROM ${EL9_IMAGE} AS dm-clone-builder-el9
-ARG VERSION=dev
-ARG REVISION=unknown
-LABEL org.opencontainers.image.title="liveclone-dm-clone-builder-el9" \
-      org.opencontainers.image.description="Builds and loads dm-clone.ko on nodes whose distribution kernel lacks it (RHEL 9 and rebuilds)" \
+      org.opencontainers.image.description="Builds and loads dm-clone.ko on nodes whose distribution kernel lacks it (Debian 12, RHEL 9 and rebuilds)" \
       org.opencontainers.image.source="https://github.com/liveclone/liveclone" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
