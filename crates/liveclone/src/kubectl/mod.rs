@@ -15,6 +15,8 @@
 //! global flags to plugins, so the plugin takes them itself.
 
 pub mod edit;
+#[cfg(test)]
+mod fixtures;
 pub mod render;
 pub mod status;
 pub mod why;

@@ -241,10 +241,7 @@ pub fn render_json(views: &[HydrationView], pretty: bool) -> serde_json::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::{
-        HydrationDestination, HydrationSource, SourceKind, VolumeHydrationSpec,
-        VolumeHydrationStatus,
-    };
+    use crate::k8s::VolumeHydrationStatus;
 
     const MIB: u64 = 1 << 20;
 
@@ -253,27 +250,7 @@ mod tests {
         status: Option<VolumeHydrationStatus>,
         paused: bool,
     ) -> VolumeHydration {
-        let mut vh = VolumeHydration::new(
-            pvc,
-            VolumeHydrationSpec {
-                pvc: pvc.to_owned(),
-                source: HydrationSource {
-                    kind: SourceKind::PersistentVolumeClaim,
-                    name: "data".to_owned(),
-                    namespace: None,
-                    volume_handle: Some("vol-src".to_owned()),
-                    snapshot_handle: None,
-                },
-                destination: HydrationDestination {
-                    volume_handle: "vol-clone".to_owned(),
-                    persistent_volume_name: "pv-clone".to_owned(),
-                },
-                node: "node-a".to_owned(),
-                tunables: None,
-                paused,
-            },
-        );
-        vh.metadata.namespace = Some("team".to_owned());
+        let mut vh = super::super::fixtures::clone_hydration(pvc, paused);
         vh.status = status;
         vh
     }

@@ -845,10 +845,7 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
     use super::*;
-    use crate::k8s::{
-        HydrationDestination, HydrationSource, LivecloneNodeStatus, SourceKind,
-        VolumeHydrationSpec, VolumeHydrationStatus,
-    };
+    use crate::k8s::{LivecloneNodeStatus, VolumeHydrationStatus};
 
     const NOW: i64 = 1_800_000_000;
 
@@ -888,26 +885,7 @@ mod tests {
     }
 
     fn hydration(phase: HydrationPhase, paused: bool, message: &str) -> VolumeHydration {
-        let mut vh = VolumeHydration::new(
-            "clone",
-            VolumeHydrationSpec {
-                pvc: "clone".to_owned(),
-                source: HydrationSource {
-                    kind: SourceKind::PersistentVolumeClaim,
-                    name: "data".to_owned(),
-                    namespace: None,
-                    volume_handle: Some("vol-src".to_owned()),
-                    snapshot_handle: None,
-                },
-                destination: HydrationDestination {
-                    volume_handle: "vol-clone".to_owned(),
-                    persistent_volume_name: "pv-clone".to_owned(),
-                },
-                node: "node-a".to_owned(),
-                tunables: None,
-                paused,
-            },
-        );
+        let mut vh = super::super::fixtures::clone_hydration("clone", paused);
         vh.status = Some(VolumeHydrationStatus {
             phase: Some(phase),
             hydrated_bytes: Some(42),
