@@ -547,6 +547,28 @@ async fn status_pause_resume_and_tune_a_hydrating_clone() {
     assert!(!vh.spec.paused);
     assert_eq!(vh.spec.tunables, tunables(Some(64), Some(16)));
 
+    // A rate limit joins the other tunables and is lifted alone.
+    let (code, out, _) = plugin(
+        &server,
+        &["tune", "clone", "-n", ns, "--rate-limit", "50MiB"],
+    );
+    assert_eq!(code, 0, "{out}");
+    let limited = read_hydration(&client, ns).await.spec.tunables;
+    assert_eq!(
+        limited.as_ref().and_then(|t| t.rate_limit_bytes_per_second),
+        Some(50 << 20)
+    );
+    assert_eq!(
+        limited.as_ref().and_then(|t| t.hydration_threshold),
+        Some(64)
+    );
+    let (code, out, _) = plugin(&server, &["tune", "clone", "-n", ns, "--no-rate-limit"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        read_hydration(&client, ns).await.spec.tunables,
+        tunables(Some(64), Some(16))
+    );
+
     // Reset clears them, even when another manager (a kubectl patch) holds
     // them too.
     Api::<VolumeHydration>::namespaced(client.clone(), ns)

@@ -377,11 +377,12 @@ fn tail(lines: &[String], n: usize) -> String {
 /// taken for a hung boot. A boot prints its first line after about 7 s
 /// under TCG, and under a minute on a loaded 2-core machine. Kept short
 /// because a hung boot costs this much of a CI run every time, and taking a
-/// slow boot for a hung one only costs a boot (nothing ran yet).
-const BOOT_SILENCE_LIMIT: Duration = Duration::from_secs(90);
+/// slow boot for a hung one only costs that boot (nothing ran yet): the
+/// next attempt starts at once.
+const BOOT_SILENCE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Boots tried before a silent boot is an error.
-const BOOT_ATTEMPTS: u32 = 3;
+const BOOT_ATTEMPTS: u32 = 4;
 
 /// A boot that printed nothing within [`BOOT_SILENCE_LIMIT`].
 #[derive(Debug)]

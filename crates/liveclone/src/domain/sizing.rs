@@ -394,7 +394,7 @@ fn parse_region_size(value: &str) -> Result<RegionSize, ParameterError> {
 
 /// `<digits>[suffix]` with a binary suffix; `None` for anything else,
 /// including decimal suffixes (`K`, `MB`), which would be ambiguous.
-fn parse_byte_size(value: &str) -> Option<u64> {
+pub fn parse_byte_size(value: &str) -> Option<u64> {
     let digits_end = value
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(value.len());

@@ -93,11 +93,11 @@ pub async fn set_paused(target: &Target, pvc: &str, paused: bool) -> PluginResul
 }
 
 pub async fn tune(target: &Target, args: &TuneArgs) -> PluginResult<()> {
-    if !args.reset && args.threshold.is_none() && args.batch.is_none() {
+    if !args.changes_something() {
         // Nothing asked: show what is set, change nothing.
         let vh = require_hydration(target, &args.pvc).await?;
         emit(&format!(
-            "{}: spec.tunables: {}.\nSet them with --threshold and --batch, clear them with --reset.\n",
+            "{}: spec.tunables: {}.\nSet them with --threshold, --batch and --rate-limit, clear them with --reset.\n",
             describe_object(&vh, &args.pvc),
             describe_tunables(vh.spec.tunables.as_ref())
         ));
@@ -113,6 +113,12 @@ pub async fn tune(target: &Target, args: &TuneArgs) -> PluginResult<()> {
             }
             if let Some(batch) = args.batch {
                 next.hydration_batch_size = Some(batch);
+            }
+            if let Some(rate) = args.rate_limit {
+                next.rate_limit_bytes_per_second = Some(rate);
+            }
+            if args.no_rate_limit {
+                next.rate_limit_bytes_per_second = None;
             }
             validate(&next)?;
             normalized(Some(next))

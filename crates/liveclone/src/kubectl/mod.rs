@@ -122,9 +122,39 @@ pub struct TuneArgs {
     /// Regions copied together in one batch (dm-clone's hydration_batch_size).
     #[arg(long, value_name = "REGIONS")]
     pub batch: Option<u32>,
+    /// Average copy rate at most, in bytes per second with a binary suffix
+    /// (e.g. 50MiB): a throttle for a copy that competes with the pod.
+    #[arg(long, value_name = "BYTES", value_parser = parse_rate_limit)]
+    pub rate_limit: Option<u64>,
+    /// Lift the rate limit.
+    #[arg(long, conflicts_with = "rate_limit")]
+    pub no_rate_limit: bool,
     /// Clear every tunable: back to the StorageClass's values or the defaults.
-    #[arg(long, conflicts_with_all = ["threshold", "batch"])]
+    #[arg(long, conflicts_with_all = ["threshold", "batch", "rate_limit", "no_rate_limit"])]
     pub reset: bool,
+}
+
+impl TuneArgs {
+    /// Whether the command asks for any change at all.
+    pub fn changes_something(&self) -> bool {
+        self.reset
+            || self.threshold.is_some()
+            || self.batch.is_some()
+            || self.rate_limit.is_some()
+            || self.no_rate_limit
+    }
+}
+
+/// `--rate-limit`: a byte size (the StorageClass parameters' syntax), at
+/// least 1 byte per second.
+fn parse_rate_limit(value: &str) -> Result<u64, String> {
+    match crate::domain::sizing::parse_byte_size(value.trim()) {
+        Some(0) => Err("a rate limit of 0 would stop the copy; use pause for that".to_owned()),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!(
+            "{value:?} is not a byte size: digits with an optional Ki, Mi or Gi (KiB, MiB, GiB) suffix"
+        )),
+    }
 }
 
 /// Why a command did not do what was asked; each maps to an exit code.
@@ -311,6 +341,34 @@ mod tests {
             Cli::try_parse_from(["kubectl-liveclone", "tune", "c", "--reset", "--batch", "2"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_rate_limit_takes_binary_sizes_and_refuses_zero() {
+        let tune = |args: &[&str]| {
+            let mut argv = vec!["kubectl-liveclone", "tune", "clone"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Tune(args) => args,
+                _ => panic!("tune expected"),
+            })
+        };
+        let limited = tune(&["--rate-limit", "50MiB"]).expect("parses");
+        assert_eq!(limited.rate_limit, Some(50 << 20));
+        assert!(limited.changes_something());
+        assert_eq!(
+            tune(&["--rate-limit", "4096"]).expect("parses").rate_limit,
+            Some(4096)
+        );
+        for bad in ["0", "50MB", "fast", "-1"] {
+            assert!(tune(&["--rate-limit", bad]).is_err(), "{bad}");
+        }
+        assert!(tune(&["--rate-limit", "1Mi", "--no-rate-limit"]).is_err());
+        assert!(tune(&["--reset", "--no-rate-limit"]).is_err());
+        assert!(tune(&["--no-rate-limit"])
+            .expect("parses")
+            .changes_something());
+        assert!(!tune(&[]).expect("parses").changes_something());
     }
 
     #[test]
