@@ -467,28 +467,13 @@ impl Scenario {
         Ok(())
     }
 
-    /// `kubectl patch vh <claim> --type merge -p <patch>`, as a user would.
-    pub fn kubectl_patch_hydration(&self, claim: &str, patch: &Value) -> Result<()> {
+    /// `kubectl patch <resource> <name> --type merge -p <patch>`, as a user
+    /// would: pausing a copy (`vh`) or expanding a claim (`pvc`).
+    pub fn kubectl_merge_patch(&self, resource: &str, name: &str, patch: &Value) -> Result<()> {
         self.kubectl(&[
             "patch",
-            "vh",
-            claim,
-            "--type",
-            "merge",
-            "-p",
-            &patch.to_string(),
-        ])
-        .capture()?;
-        Ok(())
-    }
-
-    /// `kubectl patch pvc <claim> --type merge -p <patch>` (an expansion, as
-    /// a user would ask for it).
-    pub fn kubectl_patch_claim(&self, claim: &str, patch: &Value) -> Result<()> {
-        self.kubectl(&[
-            "patch",
-            "pvc",
-            claim,
+            resource,
+            name,
             "--type",
             "merge",
             "-p",

@@ -142,7 +142,7 @@ async fn a_clone_grows_while_it_hydrates() -> Result<()> {
         let sum = source_and_clone(&s, SLOW_CLASS, true).await?;
         wait_partly_copied(&s, "clone").await?;
         let patch = json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}});
-        s.kubectl_patch_claim("clone", &patch)?;
+        s.kubectl_merge_patch("pvc", "clone", &patch)?;
         // Controller expansion, then the node grows the mounted file system
         // (kubelet clears the capacity only after NodeExpandVolume).
         s.wait_for("clone's capacity 2Gi", s.config.wait(300), || async {
@@ -234,7 +234,7 @@ async fn pause_holds_the_copy_and_resume_finishes_it() -> Result<()> {
     run("pause", |s| async move {
         let sum = source_and_clone(&s, SLOW_CLASS, true).await?;
         wait_partly_copied(&s, "clone").await?;
-        s.kubectl_patch_hydration("clone", &json!({"spec": {"paused": true}}))?;
+        s.kubectl_merge_patch("vh", "clone", &json!({"spec": {"paused": true}}))?;
         s.wait_hydration("clone", "rate \"paused\"", s.config.wait(120), |v| {
             v.rate.as_deref() == Some("paused")
         })
@@ -251,7 +251,7 @@ async fn pause_holds_the_copy_and_resume_finishes_it() -> Result<()> {
             bail!("the clone completed while paused");
         }
         s.set_rate_limit("clone", None).await?;
-        s.kubectl_patch_hydration("clone", &json!({"spec": {"paused": false}}))?;
+        s.kubectl_merge_patch("vh", "clone", &json!({"spec": {"paused": false}}))?;
         s.wait_complete("clone").await?;
         s.delete_pod("clone-reader").await?;
         s.verify("clone-after", "clone", Mode::Filesystem, &sum)

@@ -83,6 +83,35 @@ pub struct Facts {
     pub now: Timestamp,
 }
 
+impl Facts {
+    /// What is known once the claim has been looked up: nothing else yet
+    /// (the CRDs taken as served until a lookup says otherwise).
+    pub fn about_claim(
+        namespace: &str,
+        pvc: &str,
+        claim: Lookup<PersistentVolumeClaim>,
+        now: Timestamp,
+    ) -> Self {
+        Facts {
+            namespace: namespace.to_owned(),
+            pvc: pvc.to_owned(),
+            claim,
+            storage_class: None,
+            consumers: None,
+            claim_events: Vec::new(),
+            volume: None,
+            crds_installed: true,
+            liveclone_volume: None,
+            hydration: None,
+            hydration_events: Vec::new(),
+            node: None,
+            liveclone_node: None,
+            node_object: None,
+            now,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
     /// Keeps the clone from being usable or from becoming independent.
@@ -714,23 +743,7 @@ async fn events_about(client: &Client, namespace: &str, kind: &str, name: &str) 
 pub async fn gather(client: &Client, namespace: &str, pvc: &str) -> PluginResult<Facts> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let claim = lookup(claims, pvc).await;
-    let mut facts = Facts {
-        namespace: namespace.to_owned(),
-        pvc: pvc.to_owned(),
-        claim: claim.clone(),
-        storage_class: None,
-        consumers: None,
-        claim_events: Vec::new(),
-        volume: None,
-        crds_installed: true,
-        liveclone_volume: None,
-        hydration: None,
-        hydration_events: Vec::new(),
-        node: None,
-        liveclone_node: None,
-        node_object: None,
-        now: Timestamp::now(),
-    };
+    let mut facts = Facts::about_claim(namespace, pvc, claim.clone(), Timestamp::now());
     let Lookup::Found(claim) = claim else {
         return Ok(facts);
     };
@@ -908,22 +921,11 @@ mod tests {
     }
 
     fn facts(claim: PersistentVolumeClaim, class: StorageClass) -> Facts {
+        let now = Timestamp::from_second(NOW).expect("in range");
         Facts {
-            namespace: "team".to_owned(),
-            pvc: "clone".to_owned(),
-            claim: Lookup::Found(claim),
             storage_class: Some(Lookup::Found(class)),
             consumers: Some(Vec::new()),
-            claim_events: Vec::new(),
-            volume: None,
-            crds_installed: true,
-            liveclone_volume: None,
-            hydration: None,
-            hydration_events: Vec::new(),
-            node: None,
-            liveclone_node: None,
-            node_object: None,
-            now: Timestamp::from_second(NOW).expect("in range"),
+            ..Facts::about_claim("team", "clone", Lookup::Found(claim), now)
         }
     }
 
